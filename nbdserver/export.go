@@ -1,0 +1,59 @@
+package nbdserver
+
+import "context"
+
+// Export is one NBD export as the server sees it. Implementations must be
+// safe for concurrent use: the server issues many requests at once, from many
+// connections. An error that wraps a syscall.Errno is sent as that errno's
+// NBD code (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP,
+// ESHUTDOWN); any other error is sent as EIO. The connection stays up.
+type Export interface {
+	// Size in bytes; fixed while any connection is open.
+	Size() int64
+	// Flags the export supports; the server advertises exactly these.
+	Flags() ExportFlags
+	// PreferredBlockSize in bytes (a power of two, 512..32 MiB), advertised
+	// in NBD_INFO_BLOCK_SIZE.
+	PreferredBlockSize() uint32
+
+	ReadAt(ctx context.Context, p []byte, off int64) error
+	WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
+	// WriteZeroes: the range must read back as zeroes. noHole forbids
+	// deallocation; fastZero asks to fail with ErrNotSupported (ENOTSUP)
+	// rather than fall back to slow writes.
+	WriteZeroes(ctx context.Context, off, n int64, fua, noHole, fastZero bool) error
+	Trim(ctx context.Context, off, n int64, fua bool) error
+	Flush(ctx context.Context) error
+	// Cache is a hint that [off, off+n) will be read soon (NBD_CMD_CACHE).
+	Cache(ctx context.Context, off, n int64) error
+}
+
+// ExportFlags are what an export can do.
+type ExportFlags struct {
+	ReadOnly  bool
+	Flush     bool // NBD_FLAG_SEND_FLUSH
+	FUA       bool // NBD_FLAG_SEND_FUA
+	Trim      bool // NBD_FLAG_SEND_TRIM
+	Zeroes    bool // NBD_FLAG_SEND_WRITE_ZEROES
+	FastZero  bool // NBD_FLAG_SEND_FAST_ZERO
+	Cache     bool // NBD_FLAG_SEND_CACHE
+	MultiConn bool // NBD_FLAG_CAN_MULTI_CONN: a flush on one connection covers writes completed on all
+}
+
+// Exports resolves export names. The daemon's device registry implements it.
+type Exports interface {
+	// Lookup returns the named export, or false (NBD_OPT_INFO).
+	Lookup(name string) (Export, bool)
+	// Open is Lookup for a connection entering transmission (NBD_OPT_GO,
+	// NBD_OPT_EXPORT_NAME). The server calls release exactly once when that
+	// connection ends, so the registry can count connections per export.
+	Open(name string) (exp Export, release func(), ok bool)
+	// List returns export names and descriptions for NBD_OPT_LIST.
+	List() []ExportInfo
+}
+
+// ExportInfo describes one export for NBD_OPT_LIST and NBD_INFO_DESCRIPTION.
+type ExportInfo struct {
+	Name        string
+	Description string
+}

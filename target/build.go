@@ -1,0 +1,75 @@
+package target
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/nbdclone/nbdclone/blockdev"
+)
+
+// Env is what a target needs from the daemon to be built.
+type Env struct {
+	Logger *slog.Logger
+	// Dir resolves relative paths in table arguments: the directory the
+	// user ran the CLI in, not the daemon's.
+	Dir string
+	// OpenSource opens a clone's <source dev> read-only. Nil means local
+	// files and block devices (blockdev.OpenFileReadOnly).
+	OpenSource func(ctx context.Context, spec string) (blockdev.Reader, error)
+}
+
+func (e Env) logger() *slog.Logger {
+	if e.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return e.Logger
+}
+
+// Path resolves a table path argument against Dir.
+func (e Env) Path(p string) string {
+	if filepath.IsAbs(p) || e.Dir == "" {
+		return p
+	}
+	return filepath.Join(e.Dir, p)
+}
+
+func (e Env) openSource(ctx context.Context, spec string) (blockdev.Reader, error) {
+	if e.OpenSource != nil {
+		return e.OpenSource(ctx, spec)
+	}
+	return blockdev.OpenFileReadOnly(e.Path(spec))
+}
+
+// DMError is a constructor or message failure. Msg is device-mapper's own
+// text (ti->error, the DMWARN of a message), so users and scripts see what
+// dmesg would say for dm-clone.
+type DMError struct {
+	Msg string
+	Err error // the cause, if any
+}
+
+func (e *DMError) Error() string {
+	if e.Err == nil {
+		return e.Msg
+	}
+	return e.Msg + ": " + e.Err.Error()
+}
+
+func (e *DMError) Unwrap() error { return e.Err }
+
+func dmErr(msg string, cause error) error { return &DMError{Msg: msg, Err: cause} }
+
+// Build constructs the target a table line describes. The target starts
+// suspended: call Resume before I/O (dmsetup create resumes at once).
+func Build(ctx context.Context, t Table, env Env) (Target, error) {
+	switch t.Type {
+	case "clone":
+		return newClone(ctx, t, env)
+	case "linear":
+		return newLinear(t, env)
+	default:
+		return nil, dmErr(fmt.Sprintf("unknown target type %q", t.Type), nil)
+	}
+}

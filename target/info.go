@@ -1,0 +1,57 @@
+package target
+
+// Info is a structured snapshot of a target, for JSON status, metrics and
+// progress. Counters only grow for the life of the target.
+type Info struct {
+	Type string `json:"type"` // "clone" or "linear"
+	Size int64  `json:"size_bytes"`
+
+	// The rest is for clone targets only.
+	Clone *CloneInfo `json:"clone,omitempty"`
+}
+
+// CloneInfo is the clone-specific part of Info.
+type CloneInfo struct {
+	Metadata    string `json:"metadata"`
+	Destination string `json:"destination"`
+	Source      string `json:"source"`
+
+	RegionSize       int64  `json:"region_size_bytes"`
+	Regions          uint64 `json:"regions"`
+	HydratedRegions  uint64 `json:"hydrated_regions"`
+	HydratingRegions uint64 `json:"hydrating_regions"`
+	// Hydrated is true once every region is hydrated and that is committed.
+	Hydrated bool `json:"hydrated"`
+
+	HydrationEnabled   bool   `json:"hydration_enabled"`
+	DiscardPassdown    bool   `json:"discard_passdown"`
+	HydrationThreshold uint32 `json:"hydration_threshold"`
+	HydrationBatchSize uint32 `json:"hydration_batch_size"`
+	// HydrationStopped says why background hydration stopped by itself
+	// (bounded copy errors); empty while it runs or is merely disabled.
+	HydrationStopped string `json:"hydration_stopped,omitempty"`
+
+	Mode          string `json:"mode"` // "rw", "ro" or "Fail"
+	MetadataUsed  uint64 `json:"metadata_used_blocks"`
+	MetadataTotal uint64 `json:"metadata_total_blocks"`
+
+	Stats CloneStats `json:"stats"`
+}
+
+// CloneStats are monotonically increasing counters.
+type CloneStats struct {
+	// Bytes made hydrated, by cause.
+	HydratedBackgroundBytes int64 `json:"hydrated_background_bytes"`
+	HydratedWriteBytes      int64 `json:"hydrated_write_bytes"`     // copied before a partial write
+	HydratedOverwriteBytes  int64 `json:"hydrated_overwrite_bytes"` // whole-region writes, nothing copied
+	HydratedDiscardBytes    int64 `json:"hydrated_discard_bytes"`   // skipped by discard, nothing copied
+	HydratedZeroBytes       int64 `json:"hydrated_zero_bytes"`      // whole regions zeroed, nothing copied
+
+	SourceReadBytes int64 `json:"source_read_bytes"` // user reads served from the source
+	SourceCopyBytes int64 `json:"source_copy_bytes"` // bytes read from the source by copies
+
+	CopyErrors       uint64 `json:"copy_errors"`
+	Commits          uint64 `json:"metadata_commits"`
+	CommitErrors     uint64 `json:"metadata_commit_errors"`
+	CommitNanosTotal int64  `json:"metadata_commit_nanos_total"`
+}
