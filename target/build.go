@@ -73,3 +73,13 @@ func Build(ctx context.Context, t Table, env Env) (Target, error) {
 		return nil, dmErr(fmt.Sprintf("unknown target type %q", t.Type), nil)
 	}
 }
+
+// CloneMetadataPath returns the resolved <metadata dev> of a clone table, so
+// the daemon can tell when a new table reuses the live table's metadata (its
+// store is then opened only once the old target has released it).
+func CloneMetadataPath(t Table, env Env) (string, bool) {
+	if t.Type != "clone" || len(t.Args) == 0 {
+		return "", false
+	}
+	return filepath.Clean(env.Path(t.Args[0])), true
+}
