@@ -1,0 +1,26 @@
+// Package metadata is a clone's persistent region bitmap, kept in a badger
+// store: a superblock and 4096-byte bitmap chunks (32768 regions each), an
+// in-core bitmap with dirty-chunk tracking, transactional commits and
+// dm-clone's metadata modes rw → ro → Fail.
+//
+// Invariants:
+//   - Durability order: Commit snapshots the dirty chunks, then syncs the
+//     destination, then writes the chunks in synced badger transactions. A
+//     bit therefore reaches the store only after the data that made it true
+//     is durable on the destination. A crash at any point leaves every
+//     persisted bit backed by durable data.
+//   - Bits only go from 0 to 1 while in rw mode; nothing is written in ro or
+//     Fail mode. A failed commit reloads the committed bitmap (bits since the
+//     last commit are dropped: those regions read from the source again) and
+//     switches to ro; if the reload fails too, to Fail. Fail is sticky; only
+//     a new Store (a table reload) returns to rw.
+//   - A dirty mark is never lost: a setter flips the bit, then marks its
+//     chunk; Commit collects and clears marks atomically per word, then reads
+//     the chunk words, so any bit set before its mark is in that read.
+//   - Memory: one bit per region in core, never one key per region in the
+//     store. Once every region is hydrated and committed the in-core bitmap
+//     is released (dm-clone known issue 2).
+//   - A store is opened by one Store at a time (badger's directory lock); a
+//     store made for another region size or target size is refused, and a
+//     non-empty directory that is not a store is never written.
+package metadata

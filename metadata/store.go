@@ -1,0 +1,586 @@
+package metadata
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/nbdclone/nbdclone/regions"
+)
+
+// Sentinel errors; the texts after the prefix are dm-clone's where it has one.
+var (
+	// ErrOpen: the metadata directory cannot be opened or created.
+	ErrOpen = errors.New("metadata: cannot open metadata directory")
+	// ErrNotStore: a non-empty directory that holds no metadata store.
+	ErrNotStore = errors.New("metadata: directory is not empty and holds no nbdclone metadata; refusing to write it")
+	// ErrLocked: another process or device holds the store.
+	ErrLocked = errors.New("metadata: store is in use by another device or process")
+	// ErrCorrupt: the superblock or a bitmap chunk cannot be decoded.
+	ErrCorrupt = errors.New("metadata: corrupt metadata")
+	// ErrMismatch: the store was made for another region or target size.
+	ErrMismatch = errors.New("metadata: Region and/or target size don't match the ones in metadata")
+	// ErrNoWrite: the store can be read but not written.
+	ErrNoWrite = errors.New("metadata: Unable to get write access to metadata, please check/repair metadata")
+	// ErrReadOnly: the store is in ro or Fail mode; nothing can change.
+	ErrReadOnly = errors.New("metadata: read-only mode")
+	// ErrClosed: the store is closed.
+	ErrClosed = errors.New("metadata: closed")
+)
+
+const (
+	superblockMagic   = "nbdclone-metadata"
+	superblockVersion = 1
+	// ChunkBytes is the size of one bitmap chunk; ChunkRegions regions each.
+	ChunkBytes   = 4096
+	ChunkRegions = ChunkBytes * 8
+	chunkWords   = ChunkBytes / 8
+	// BlockSectors is the metadata block size dm-clone reports (4 KiB).
+	BlockSectors = 8
+
+	chunkRaw     = 0 // followed by the chunk's words, little endian
+	chunkAllOnes = 1 // every region of the chunk is hydrated
+)
+
+var (
+	keySuperblock = []byte("sb")
+	prefixBitmap  = []byte("bm/")
+)
+
+// Mode is dm-clone's metadata mode.
+type Mode int32
+
+const (
+	ModeRW Mode = iota
+	ModeRO
+	ModeFail
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeRW:
+		return "rw"
+	case ModeRO:
+		return "ro"
+	default:
+		return "Fail"
+	}
+}
+
+// Superblock is the store's header.
+type Superblock struct {
+	Magic      string    `json:"magic"`
+	Version    int       `json:"version"`
+	RegionSize int64     `json:"region_size"` // bytes
+	TargetSize int64     `json:"target_size"` // bytes
+	Source     string    `json:"source"`      // path or URI, as the table gave it
+	SourceSize int64     `json:"source_size"`
+	SourceID   string    `json:"source_id,omitempty"` // a pin: ETag, Last-Modified + size
+	Created    time.Time `json:"created"`
+}
+
+// Options open a store.
+type Options struct {
+	Dir        string
+	TargetSize int64 // bytes
+	RegionSize int64 // bytes, a power of two
+	Source     string
+	SourceSize int64
+	SourceID   string
+	Logger     *slog.Logger
+	// WrapKV, if set, wraps the badger store (fault injection in tests).
+	WrapKV func(KV) KV
+}
+
+// Validate checks the options.
+func (o *Options) Validate() error {
+	if o.Dir == "" {
+		return fmt.Errorf("%w: no directory given", ErrOpen)
+	}
+	if _, err := regions.NewGeometry(o.TargetSize, o.RegionSize); err != nil {
+		return err
+	}
+	return nil
+}
+
+// Stats are counters for metrics.
+type Stats struct {
+	Commits       uint64
+	CommitErrors  uint64
+	CommitNanos   int64 // total time spent in successful commits
+	ChunksWritten uint64
+}
+
+// Store is an open metadata store.
+type Store struct {
+	log       *slog.Logger
+	kv        KV
+	sb        Superblock
+	nrRegions uint64
+	nrChunks  uint64
+
+	// bitmap is nil once every region is hydrated and committed.
+	bitmap atomic.Pointer[regions.Bitmap]
+	// dirty has one bit per chunk changed since the last commit started.
+	dirty   []atomic.Uint64
+	changed atomic.Bool
+	mode    atomic.Int32
+
+	// commitMu serialises Commit, the abort that may follow, and Close.
+	commitMu sync.Mutex
+	// persisted marks chunks present in the store; guarded by commitMu.
+	persisted      []bool
+	persistedCount atomic.Uint64
+	closed         bool // guarded by commitMu
+
+	commits, commitErrors, chunksWritten atomic.Uint64
+	commitNanos                          atomic.Int64
+}
+
+// Open opens the store in opts.Dir, formatting it when the directory is
+// missing or empty.
+func Open(opts Options) (*Store, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	fresh, err := prepareDir(opts.Dir)
+	if err != nil {
+		return nil, err
+	}
+	bkv, err := openBadger(opts.Dir, log)
+	if err != nil {
+		return nil, classifyOpenError(opts.Dir, err)
+	}
+	var kv KV = bkv
+	if opts.WrapKV != nil {
+		kv = opts.WrapKV(kv)
+	}
+	s := &Store{log: log, kv: kv}
+	if err := s.load(opts, fresh); err != nil {
+		kv.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// prepareDir creates a missing directory and reports whether the store is
+// new. A non-empty directory must already hold a badger store.
+func prepareDir(dir string) (fresh bool, err error) {
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return false, fmt.Errorf("%w: %w", ErrOpen, err)
+		}
+		return true, nil
+	case err != nil:
+		return false, fmt.Errorf("%w: %w", ErrOpen, err)
+	case !fi.IsDir():
+		return false, fmt.Errorf("%w: %s is not a directory", ErrOpen, dir)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false, fmt.Errorf("%w: %w", ErrOpen, err)
+	}
+	if len(entries) == 0 {
+		return true, nil
+	}
+	if _, err := os.Stat(dir + "/MANIFEST"); err != nil {
+		return false, fmt.Errorf("%w: %s", ErrNotStore, dir)
+	}
+	return false, nil
+}
+
+func classifyOpenError(dir string, err error) error {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "directory lock"), errors.Is(err, syscall.EWOULDBLOCK):
+		return fmt.Errorf("%w: %s", ErrLocked, dir)
+	case errors.Is(err, fs.ErrPermission), errors.Is(err, syscall.EROFS), strings.Contains(msg, "read-only file system"):
+		return fmt.Errorf("%w: %w", ErrNoWrite, err)
+	default:
+		return fmt.Errorf("%w: %s: %w", ErrCorrupt, dir, err)
+	}
+}
+
+func (s *Store) load(opts Options, fresh bool) error {
+	raw, err := s.kv.Get(keySuperblock)
+	if err != nil {
+		return fmt.Errorf("%w: reading superblock: %w", ErrCorrupt, err)
+	}
+	if raw == nil {
+		if !fresh {
+			// badger files but no superblock: an interrupted format (the
+			// superblock is the first and only write of a format) or
+			// someone else's badger store. Only the former is empty.
+			empty := true
+			if err := s.kv.Scan(nil, func(_, _ []byte) error { empty = false; return nil }); err != nil {
+				return fmt.Errorf("%w: %w", ErrCorrupt, err)
+			}
+			if !empty {
+				return fmt.Errorf("%w: %s holds a key-value store without an nbdclone superblock", ErrNotStore, opts.Dir)
+			}
+		}
+		s.sb = Superblock{
+			Magic: superblockMagic, Version: superblockVersion,
+			RegionSize: opts.RegionSize, TargetSize: opts.TargetSize,
+			Source: opts.Source, SourceSize: opts.SourceSize, SourceID: opts.SourceID,
+			Created: time.Now().UTC(),
+		}
+		b, _ := json.Marshal(s.sb)
+		if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+			return fmt.Errorf("%w: formatting: %w", ErrNoWrite, err)
+		}
+		s.log.Info("metadata formatted", "dir", opts.Dir, "region_size", opts.RegionSize, "target_size", opts.TargetSize)
+	} else {
+		if err := json.Unmarshal(raw, &s.sb); err != nil || s.sb.Magic != superblockMagic {
+			return fmt.Errorf("%w: bad superblock in %s", ErrCorrupt, opts.Dir)
+		}
+		if s.sb.Version != superblockVersion {
+			return fmt.Errorf("%w: superblock version %d, this nbdclone reads %d", ErrCorrupt, s.sb.Version, superblockVersion)
+		}
+		if s.sb.RegionSize != opts.RegionSize || s.sb.TargetSize != opts.TargetSize {
+			return fmt.Errorf("%w (metadata: region %d B, target %d B; table: region %d B, target %d B)",
+				ErrMismatch, s.sb.RegionSize, s.sb.TargetSize, opts.RegionSize, opts.TargetSize)
+		}
+		if s.sb.Source != opts.Source {
+			s.log.Warn("metadata was made for another source path", "metadata_source", s.sb.Source, "table_source", opts.Source)
+		}
+	}
+	g, _ := regions.NewGeometry(opts.TargetSize, opts.RegionSize)
+	s.nrRegions = g.NrRegions()
+	s.nrChunks = (s.nrRegions + ChunkRegions - 1) / ChunkRegions
+	s.dirty = make([]atomic.Uint64, (s.nrChunks+63)/64)
+	s.persisted = make([]bool, s.nrChunks)
+	b, err := s.readBitmap()
+	if err != nil {
+		return err
+	}
+	s.bitmap.Store(b)
+	s.releaseIfDone()
+	return nil
+}
+
+// readBitmap loads the committed bitmap from the store.
+func (s *Store) readBitmap() (*regions.Bitmap, error) {
+	b := regions.NewBitmap(s.nrRegions)
+	words := make([]uint64, chunkWords)
+	var count uint64
+	persisted := make([]bool, s.nrChunks)
+	err := s.kv.Scan(prefixBitmap, func(key, value []byte) error {
+		if len(key) != len(prefixBitmap)+8 {
+			return fmt.Errorf("%w: bad bitmap key %q", ErrCorrupt, key)
+		}
+		c := binary.BigEndian.Uint64(key[len(prefixBitmap):])
+		if c >= s.nrChunks {
+			return fmt.Errorf("%w: bitmap chunk %d beyond the device (%d chunks)", ErrCorrupt, c, s.nrChunks)
+		}
+		n := s.chunkWordCount(c)
+		if err := decodeChunk(value, words[:n]); err != nil {
+			return fmt.Errorf("%w: chunk %d: %w", ErrCorrupt, c, err)
+		}
+		b.LoadWords(c*chunkWords, words[:n])
+		if !persisted[c] {
+			persisted[c] = true
+			count++
+		}
+		return nil
+	})
+	if err != nil {
+		if errors.Is(err, ErrCorrupt) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: reading bitmap: %w", ErrCorrupt, err)
+	}
+	s.persisted = persisted
+	s.persistedCount.Store(count)
+	return b, nil
+}
+
+// chunkWordCount is the number of bitmap words chunk c holds (the last may
+// be short).
+func (s *Store) chunkWordCount(c uint64) uint64 {
+	totalWords := (s.nrRegions + 63) / 64
+	return min(chunkWords, totalWords-c*chunkWords)
+}
+
+func chunkKey(c uint64) []byte {
+	k := make([]byte, len(prefixBitmap)+8)
+	copy(k, prefixBitmap)
+	binary.BigEndian.PutUint64(k[len(prefixBitmap):], c)
+	return k
+}
+
+func encodeChunk(words []uint64, full bool) []byte {
+	if full {
+		return []byte{chunkAllOnes}
+	}
+	v := make([]byte, 1+8*len(words))
+	v[0] = chunkRaw
+	for i, w := range words {
+		binary.LittleEndian.PutUint64(v[1+8*i:], w)
+	}
+	return v
+}
+
+func decodeChunk(v []byte, words []uint64) error {
+	if len(v) == 0 {
+		return errors.New("empty chunk")
+	}
+	switch v[0] {
+	case chunkAllOnes:
+		if len(v) != 1 {
+			return errors.New("bad all-ones chunk")
+		}
+		for i := range words {
+			words[i] = ^uint64(0)
+		}
+	case chunkRaw:
+		if len(v) != 1+8*len(words) {
+			return fmt.Errorf("raw chunk of %d bytes, want %d", len(v), 1+8*len(words))
+		}
+		for i := range words {
+			words[i] = binary.LittleEndian.Uint64(v[1+8*i:])
+		}
+	default:
+		return fmt.Errorf("unknown chunk encoding %d", v[0])
+	}
+	return nil
+}
+
+// Superblock returns the store's header.
+func (s *Store) Superblock() Superblock { return s.sb }
+
+// NrRegions is the number of regions the bitmap covers.
+func (s *Store) NrRegions() uint64 { return s.nrRegions }
+
+// Mode is the current metadata mode.
+func (s *Store) Mode() Mode { return Mode(s.mode.Load()) }
+
+// IsHydrated reports whether region r is hydrated (in core).
+func (s *Store) IsHydrated(r uint64) bool {
+	b := s.bitmap.Load()
+	return b == nil || b.Test(r)
+}
+
+// RangeHydrated reports whether regions [r, r+n) are all hydrated.
+func (s *Store) RangeHydrated(r, n uint64) bool {
+	b := s.bitmap.Load()
+	return b == nil || b.AllSet(r, n)
+}
+
+// NextUnhydrated returns the first unhydrated region at or after r, or
+// NrRegions() if there is none.
+func (s *Store) NextUnhydrated(r uint64) uint64 {
+	b := s.bitmap.Load()
+	if b == nil {
+		return s.nrRegions
+	}
+	return b.NextClear(r)
+}
+
+// NextHydrated returns the first hydrated region at or after r, or
+// NrRegions().
+func (s *Store) NextHydrated(r uint64) uint64 {
+	b := s.bitmap.Load()
+	if b == nil {
+		return min(r, s.nrRegions)
+	}
+	return b.NextSet(r)
+}
+
+// Hydrated is the number of hydrated regions (in core).
+func (s *Store) Hydrated() uint64 {
+	b := s.bitmap.Load()
+	if b == nil {
+		return s.nrRegions
+	}
+	return b.Count()
+}
+
+// Done reports whether every region is hydrated (in core).
+func (s *Store) Done() bool { return s.Hydrated() == s.nrRegions }
+
+// Released reports whether the in-core bitmap has been released because
+// every region is hydrated and committed.
+func (s *Store) Released() bool { return s.bitmap.Load() == nil }
+
+// Changed reports whether the bitmap changed since the last commit started.
+func (s *Store) Changed() bool { return s.changed.Load() }
+
+// SetHydrated marks region r hydrated. The caller has made its data (or,
+// for a discard, its undefined content) final on the destination.
+func (s *Store) SetHydrated(r uint64) error {
+	_, err := s.SetRange(r, 1)
+	return err
+}
+
+// SetRange marks regions [r, r+n) hydrated and returns how many were not.
+func (s *Store) SetRange(r, n uint64) (uint64, error) {
+	if s.Mode() != ModeRW {
+		return 0, ErrReadOnly
+	}
+	b := s.bitmap.Load()
+	if b == nil || n == 0 {
+		return 0, nil
+	}
+	changed := b.SetRange(r, n)
+	if changed == 0 {
+		return 0, nil
+	}
+	for c := r / ChunkRegions; c <= (r+n-1)/ChunkRegions; c++ {
+		s.dirty[c/64].Or(1 << (c % 64))
+	}
+	s.changed.Store(true)
+	return changed, nil
+}
+
+// Syncer is the destination as Commit sees it.
+type Syncer interface{ Sync() error }
+
+// Commit makes the bitmap durable: dirty chunks are snapshotted, dest is
+// synced, then the chunks are written. It does nothing if nothing changed.
+// On failure the store aborts the transaction (reloads the committed
+// bitmap) and goes ro, or Fail if the reload fails; the error is returned.
+func (s *Store) Commit(dest Syncer) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if !s.changed.Load() {
+		return nil
+	}
+	if s.Mode() != ModeRW {
+		return ErrReadOnly
+	}
+	start := time.Now()
+	s.changed.Store(false)
+	b := s.bitmap.Load()
+	var entries []Entry
+	var newChunks []uint64
+	words := make([]uint64, chunkWords)
+	for w := range s.dirty {
+		mask := s.dirty[w].Swap(0)
+		for mask != 0 {
+			bit := uint64(trailingZeros(mask))
+			mask &= mask - 1
+			c := uint64(w)*64 + bit
+			n := s.chunkWordCount(c)
+			b.Words(c*chunkWords, words[:n])
+			full := b.AllSet(c*ChunkRegions, min(ChunkRegions, s.nrRegions-c*ChunkRegions))
+			entries = append(entries, Entry{Key: chunkKey(c), Value: encodeChunk(words[:n], full)})
+			if !s.persisted[c] {
+				newChunks = append(newChunks, c)
+			}
+		}
+	}
+	if err := dest.Sync(); err != nil {
+		return s.failedLocked("destination flush", err)
+	}
+	if err := s.kv.Put(entries); err != nil {
+		return s.failedLocked("commit", err)
+	}
+	for _, c := range newChunks {
+		s.persisted[c] = true
+	}
+	s.persistedCount.Add(uint64(len(newChunks)))
+	s.commits.Add(1)
+	s.chunksWritten.Add(uint64(len(entries)))
+	s.commitNanos.Add(int64(time.Since(start)))
+	s.releaseIfDone()
+	return nil
+}
+
+// releaseIfDone drops the in-core bitmap once every region is hydrated and
+// nothing is left to commit: from then on every region reads as hydrated.
+func (s *Store) releaseIfDone() {
+	b := s.bitmap.Load()
+	if b == nil || !b.Full() || s.changed.Load() {
+		return
+	}
+	for w := range s.dirty {
+		if s.dirty[w].Load() != 0 {
+			return
+		}
+	}
+	s.bitmap.Store(nil)
+	s.log.Info("every region hydrated and committed: in-core bitmap released", "regions", s.nrRegions)
+}
+
+// failedLocked handles a failed commit as dm-clone does: abort the
+// transaction, switch to ro, reload the committed bitmap; Fail if that
+// reload fails.
+func (s *Store) failedLocked(op string, cause error) error {
+	s.commitErrors.Add(1)
+	s.log.Error("metadata operation failed; aborting the transaction", "op", op, "err", cause)
+	s.setMode(ModeRO)
+	b, err := s.readBitmap()
+	if err != nil {
+		s.log.Error("failed to reload the on-disk bitmap", "err", err)
+		s.setMode(ModeFail)
+	} else {
+		s.bitmap.Store(b)
+	}
+	for w := range s.dirty {
+		s.dirty[w].Store(0)
+	}
+	s.changed.Store(false)
+	return fmt.Errorf("metadata: %s failed: %w", op, cause)
+}
+
+func (s *Store) setMode(m Mode) {
+	for {
+		old := Mode(s.mode.Load())
+		if old == ModeFail || old >= m {
+			return
+		}
+		if s.mode.CompareAndSwap(int32(old), int32(m)) {
+			s.log.Warn("switching metadata mode", "from", old.String(), "to", m.String())
+			return
+		}
+	}
+}
+
+// Blocks returns dm-clone's metadata block counts: used = persisted chunks
+// + the superblock, total = chunks for the whole bitmap + the superblock.
+func (s *Store) Blocks() (used, total uint64) {
+	return s.persistedCount.Load() + 1, s.nrChunks + 1
+}
+
+// Stats returns a snapshot of the counters.
+func (s *Store) Stats() Stats {
+	return Stats{
+		Commits:       s.commits.Load(),
+		CommitErrors:  s.commitErrors.Load(),
+		CommitNanos:   s.commitNanos.Load(),
+		ChunksWritten: s.chunksWritten.Load(),
+	}
+}
+
+// Close closes the store without committing. Idempotent.
+func (s *Store) Close() error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	if err := s.kv.Close(); err != nil {
+		return fmt.Errorf("metadata: close: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,315 @@
+package metadata
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+)
+
+// recorder logs the order of destination syncs and store writes.
+type recorder struct {
+	mu     sync.Mutex
+	events []string
+	// failPut / failScan make the store fail (fault injection).
+	failPut, failScan bool
+}
+
+func (r *recorder) add(e string) {
+	r.mu.Lock()
+	r.events = append(r.events, e)
+	r.mu.Unlock()
+}
+
+func (r *recorder) Sync() error { r.add("sync"); return nil }
+
+type recordingKV struct {
+	KV
+	rec *recorder
+}
+
+func (k recordingKV) Put(e []Entry) error {
+	k.rec.mu.Lock()
+	fail := k.rec.failPut
+	k.rec.mu.Unlock()
+	if fail {
+		return errors.New("injected put failure")
+	}
+	k.rec.add("put")
+	return k.KV.Put(e)
+}
+
+func (k recordingKV) Scan(p []byte, fn func(k, v []byte) error) error {
+	k.rec.mu.Lock()
+	fail := k.rec.failScan
+	k.rec.mu.Unlock()
+	if fail {
+		return errors.New("injected scan failure")
+	}
+	return k.KV.Scan(p, fn)
+}
+
+func testOptions(dir string, rec *recorder) Options {
+	o := Options{Dir: dir, TargetSize: (2*ChunkRegions + 5) * 4096, RegionSize: 4096, Source: "src.img"}
+	if rec != nil {
+		o.WrapKV = func(kv KV) KV { return recordingKV{kv, rec} }
+	}
+	return o
+}
+
+func TestFormatReopenAndCommitOrder(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	rec := &recorder{}
+	s, err := Open(testOptions(dir, rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := s.NrRegions()
+	if used, total := s.Blocks(); used != 1 || total != (n+ChunkRegions-1)/ChunkRegions+1 {
+		t.Fatalf("fresh Blocks = %d/%d", used, total)
+	}
+	rec.mu.Lock()
+	rec.events = nil // the format's own put
+	rec.mu.Unlock()
+	for _, r := range []uint64{0, 5, ChunkRegions + 1, n - 1} {
+		if err := s.SetHydrated(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !s.Changed() {
+		t.Fatal("Changed must be true after SetHydrated")
+	}
+	if err := s.Commit(rec); err != nil {
+		t.Fatal(err)
+	}
+	if got := rec.events; len(got) != 2 || got[0] != "sync" || got[1] != "put" {
+		t.Fatalf("commit order = %v, want [sync put]", got)
+	}
+	if s.Changed() {
+		t.Fatal("Changed after commit")
+	}
+	// A commit with nothing changed touches nothing.
+	if err := s.Commit(rec); err != nil || len(rec.events) != 2 {
+		t.Fatalf("empty commit: err=%v events=%v", err, rec.events)
+	}
+	// Uncommitted bits are lost on close, as in a crash.
+	if err := s.SetHydrated(7); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal("second Close:", err)
+	}
+	s2, err := Open(testOptions(dir, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	for _, r := range []uint64{0, 5, ChunkRegions + 1, n - 1} {
+		if !s2.IsHydrated(r) {
+			t.Fatalf("region %d not hydrated after reopen", r)
+		}
+	}
+	if s2.IsHydrated(7) || s2.Hydrated() != 4 {
+		t.Fatalf("after reopen: region 7 hydrated=%v, count=%d (want false, 4)", s2.IsHydrated(7), s2.Hydrated())
+	}
+	if used, _ := s2.Blocks(); used != 4 { // superblock + chunks 0, 1, last
+		t.Fatalf("used blocks = %d, want 4", used)
+	}
+}
+
+func TestMismatchAndForeignDirs(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	s, err := Open(testOptions(dir, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Locked while open.
+	if _, err := Open(testOptions(dir, nil)); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second open = %v, want ErrLocked", err)
+	}
+	s.Close()
+	o := testOptions(dir, nil)
+	o.RegionSize = 8192
+	if _, err := Open(o); !errors.Is(err, ErrMismatch) {
+		t.Fatalf("other region size = %v, want ErrMismatch", err)
+	}
+	o = testOptions(dir, nil)
+	o.TargetSize += 4096
+	if _, err := Open(o); !errors.Is(err, ErrMismatch) {
+		t.Fatalf("other target size = %v, want ErrMismatch", err)
+	}
+	// A directory with someone else's files is never written.
+	foreign := t.TempDir()
+	if err := os.WriteFile(filepath.Join(foreign, "precious"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(testOptions(foreign, nil)); !errors.Is(err, ErrNotStore) {
+		t.Fatalf("foreign dir = %v, want ErrNotStore", err)
+	}
+	if ents, _ := os.ReadDir(foreign); len(ents) != 1 {
+		t.Fatalf("foreign dir was written: %d entries", len(ents))
+	}
+	// A file is not a directory.
+	f := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(f, nil, 0o600)
+	if _, err := Open(testOptions(f, nil)); !errors.Is(err, ErrOpen) {
+		t.Fatalf("file = %v, want ErrOpen", err)
+	}
+}
+
+func TestCorruptSuperblock(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	rec := &recorder{}
+	s, err := Open(testOptions(dir, rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: []byte("garbage")}}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if _, err := Open(testOptions(dir, nil)); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("garbage superblock = %v, want ErrCorrupt", err)
+	}
+}
+
+func TestCommitFailureGoesReadOnly(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	rec := &recorder{}
+	s, err := Open(testOptions(dir, rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.SetHydrated(1)
+	if err := s.Commit(rec); err != nil {
+		t.Fatal(err)
+	}
+	s.SetHydrated(2)
+	rec.failPut = true
+	if err := s.Commit(rec); err == nil {
+		t.Fatal("commit with a failing store succeeded")
+	}
+	if s.Mode() != ModeRO {
+		t.Fatalf("mode = %v, want ro", s.Mode())
+	}
+	if !s.IsHydrated(1) || s.IsHydrated(2) {
+		t.Fatal("abort must reload the committed bitmap: 1 hydrated, 2 not")
+	}
+	if err := s.SetHydrated(3); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("SetHydrated in ro = %v, want ErrReadOnly", err)
+	}
+	if s.Changed() {
+		t.Fatal("ro store reports changes")
+	}
+}
+
+func TestCommitAndReloadFailureGoesFail(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	rec := &recorder{}
+	s, err := Open(testOptions(dir, rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.SetHydrated(2)
+	rec.failPut, rec.failScan = true, true
+	if err := s.Commit(rec); err == nil {
+		t.Fatal("commit succeeded")
+	}
+	if s.Mode() != ModeFail {
+		t.Fatalf("mode = %v, want Fail", s.Mode())
+	}
+	s.setMode(ModeRO)
+	if s.Mode() != ModeFail {
+		t.Fatal("Fail must be sticky")
+	}
+}
+
+func TestReleaseWhenDone(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	o := Options{Dir: dir, TargetSize: 3*ChunkRegions*4096 + 4096, RegionSize: 4096}
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := s.NrRegions()
+	if c, _ := s.SetRange(0, n); c != n {
+		t.Fatalf("SetRange changed %d, want %d", c, n)
+	}
+	if s.Released() {
+		t.Fatal("released before commit")
+	}
+	if err := s.Commit(&recorder{}); err != nil {
+		t.Fatal(err)
+	}
+	if !s.Released() || !s.Done() || !s.IsHydrated(n-1) || s.NextUnhydrated(0) != n {
+		t.Fatal("bitmap not released after the final commit, or released state wrong")
+	}
+	s.Close()
+	s, err = Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if !s.Released() || s.Hydrated() != n {
+		t.Fatal("a fully hydrated store must open released")
+	}
+}
+
+func TestConcurrentSetAndCommitLoseNothing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	o := Options{Dir: dir, TargetSize: 4 * ChunkRegions * 4096, RegionSize: 4096}
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := s.NrRegions()
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				if err := s.Commit(&recorder{}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}
+	}()
+	var setters sync.WaitGroup
+	for g := range 4 {
+		setters.Add(1)
+		go func() {
+			defer setters.Done()
+			for r := uint64(g); r < n; r += 4 * 97 {
+				s.SetHydrated(r)
+			}
+		}()
+	}
+	setters.Wait()
+	close(stop)
+	wg.Wait()
+	if err := s.Commit(&recorder{}); err != nil {
+		t.Fatal(err)
+	}
+	want := s.Hydrated()
+	s.Close()
+	s, err = Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if s.Hydrated() != want {
+		t.Fatalf("after reopen %d hydrated, want %d: a dirty mark was lost", s.Hydrated(), want)
+	}
+}
