@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"time"
 
 	"github.com/nbdclone/nbdclone/blockdev"
 )
@@ -18,6 +19,27 @@ type Env struct {
 	// OpenSource opens a clone's <source dev> read-only. Nil means local
 	// files and block devices (blockdev.OpenFileReadOnly).
 	OpenSource func(ctx context.Context, spec string) (blockdev.Reader, error)
+	// OpenDevice opens a read-write device (a clone's destination, a linear
+	// target's device) by resolved path. Nil means blockdev.OpenFile. Tests
+	// wrap it to inject faults.
+	OpenDevice func(path string) (blockdev.Device, error)
+	// Sweep tunes background hydration beyond dm-clone's knobs (error
+	// bound, backoff, progress under load); zero values mean defaults.
+	Sweep SweepTuning
+}
+
+// SweepTuning is hydrate.Options' policy part.
+type SweepTuning struct {
+	MaxErrors           int
+	Backoff, MaxBackoff time.Duration
+	BusyInterval        time.Duration
+}
+
+func (e Env) openDevice(path string) (blockdev.Device, error) {
+	if e.OpenDevice != nil {
+		return e.OpenDevice(path)
+	}
+	return blockdev.OpenFile(path)
 }
 
 func (e Env) logger() *slog.Logger {

@@ -46,6 +46,7 @@ type CloneStats struct {
 	HydratedOverwriteBytes  int64 `json:"hydrated_overwrite_bytes"` // whole-region writes, nothing copied
 	HydratedDiscardBytes    int64 `json:"hydrated_discard_bytes"`   // skipped by discard, nothing copied
 	HydratedZeroBytes       int64 `json:"hydrated_zero_bytes"`      // whole regions zeroed, nothing copied
+	HydratedCacheBytes      int64 `json:"hydrated_cache_bytes"`     // copied for NBD_CMD_CACHE
 
 	SourceReadBytes int64 `json:"source_read_bytes"` // user reads served from the source
 	SourceCopyBytes int64 `json:"source_copy_bytes"` // bytes read from the source by copies

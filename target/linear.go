@@ -33,7 +33,7 @@ func newLinear(t Table, env Env) (Target, error) {
 		return nil, dmErr("Invalid device sector", nil)
 	}
 	path := env.Path(t.Args[0])
-	dev, err := blockdev.OpenFile(path)
+	dev, err := env.openDevice(path)
 	if err != nil {
 		return nil, dmErr("Device lookup failed", err)
 	}

@@ -15,7 +15,7 @@ var (
 	ErrIO = fmt.Errorf("target: I/O error: %w", syscall.EIO)
 	// ErrRange is returned for I/O past the end of the target (ENOSPC on
 	// writes in NBD terms, EINVAL on reads; the server checks bounds first).
-	ErrRange = errors.New("target: I/O beyond the end of the device")
+	ErrRange = fmt.Errorf("target: I/O beyond the end of the device: %w", syscall.EINVAL)
 	// ErrSuspended is returned by I/O on a suspended target; the daemon's
 	// gate never lets that happen, so seeing it is a bug.
 	ErrSuspended = errors.New("target: device is suspended")
