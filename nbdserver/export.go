@@ -7,6 +7,12 @@ import "context"
 // connections. An error that wraps a syscall.Errno is sent as that errno's
 // NBD code (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP,
 // ESHUTDOWN); any other error is sent as EIO. The connection stays up.
+//
+// The server only calls the I/O methods with 0 < n and [off, off+n) within
+// Size, with ReadAt and WriteAt at most Options.MaxPayload bytes, never
+// with a write-side call on a ReadOnly export, and never with a flag the
+// export did not advertise. ctx is cancelled when the client's connection
+// closes (after the shutdown grace on Disconnect or Close).
 type Export interface {
 	// Size in bytes; fixed while any connection is open.
 	Size() int64
@@ -16,7 +22,12 @@ type Export interface {
 	// in NBD_INFO_BLOCK_SIZE.
 	PreferredBlockSize() uint32
 
+	// ReadAt fills all of p or fails. An *OffsetError tells the server which
+	// leading bytes of p are valid, so a client with structured replies
+	// keeps them.
 	ReadAt(ctx context.Context, p []byte, off int64) error
+	// WriteAt writes all of p; fua: durable before returning. p belongs to
+	// the server again once WriteAt returns.
 	WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
 	// WriteZeroes: the range must read back as zeroes. noHole forbids
 	// deallocation; fastZero asks to fail with ErrNotSupported (ENOTSUP)

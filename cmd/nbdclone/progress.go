@@ -1,0 +1,192 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/nbdclone/nbdclone/daemon"
+	"github.com/nbdclone/nbdclone/target"
+)
+
+const (
+	progressPoll = 250 * time.Millisecond
+	// progressLineEvery paces progress lines when stdout is not a terminal.
+	progressLineEvery = 5 * time.Second
+	// rateWindow is how far back the rate is measured.
+	rateWindow = 10 * time.Second
+)
+
+// waitProgress long-polls Wait while polling the JSON status for a
+// progress display.
+func waitProgress(ctx context.Context, cl *daemon.Client, name string, out io.Writer, now func() time.Time) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		info target.Info
+		err  error
+	}
+	done := make(chan result, 1)
+	// Always received from below before returning.
+	go func() {
+		info, err := cl.Wait(ctx, name)
+		done <- result{info, err}
+	}()
+	p := newProgress(name, out, isTerminal(out), terminalWidth(out, 80), now)
+	tick := time.NewTicker(progressPoll)
+	defer tick.Stop()
+	for {
+		select {
+		case r := <-done:
+			if r.err != nil {
+				p.abort()
+				return r.err
+			}
+			p.finish(r.info)
+			return nil
+		case <-tick.C:
+			if st, err := cl.Info(ctx, name); err == nil && st.Info != nil {
+				p.update(*st.Info)
+			}
+		}
+	}
+}
+
+type progressSample struct {
+	at    time.Time
+	bytes int64
+}
+
+// progress renders hydration progress: a redrawn bar on a terminal, a line
+// every progressLineEvery otherwise.
+type progress struct {
+	name  string
+	out   io.Writer
+	tty   bool
+	width int
+	now   func() time.Time
+
+	samples  []progressSample
+	lastLine time.Time
+	drawn    bool // a bar is on screen without a newline
+}
+
+func newProgress(name string, out io.Writer, tty bool, width int, now func() time.Time) *progress {
+	return &progress{name: name, out: out, tty: tty, width: width, now: now}
+}
+
+func hydratedBytes(info target.Info) int64 {
+	c := info.Clone
+	if c == nil {
+		return info.Size
+	}
+	return min(int64(c.HydratedRegions)*c.RegionSize, info.Size)
+}
+
+// rate is bytes per second over rateWindow, or -1 when unknown.
+func (p *progress) rate() float64 {
+	if len(p.samples) < 2 {
+		return -1
+	}
+	first, last := p.samples[0], p.samples[len(p.samples)-1]
+	dt := last.at.Sub(first.at).Seconds()
+	if dt <= 0 {
+		return -1
+	}
+	return float64(last.bytes-first.bytes) / dt
+}
+
+func (p *progress) update(info target.Info) {
+	c := info.Clone
+	if c == nil || c.Regions == 0 {
+		return
+	}
+	t := p.now()
+	p.samples = append(p.samples, progressSample{at: t, bytes: hydratedBytes(info)})
+	for len(p.samples) > 2 && t.Sub(p.samples[0].at) > rateWindow {
+		p.samples = p.samples[1:]
+	}
+	if p.tty {
+		p.drawBar(info)
+		return
+	}
+	if p.lastLine.IsZero() || t.Sub(p.lastLine) >= progressLineEvery {
+		p.lastLine = t
+		fmt.Fprintln(p.out, p.line(info))
+	}
+}
+
+func (p *progress) fraction(info target.Info) float64 {
+	c := info.Clone
+	if c == nil || c.Regions == 0 {
+		return 1
+	}
+	return float64(c.HydratedRegions) / float64(c.Regions)
+}
+
+// stats is "12.3 MiB/s, ETA 1m20s" (or unknowns).
+func (p *progress) stats(info target.Info) (rate, eta string) {
+	r := p.rate()
+	if r < 0 {
+		return "-- MiB/s", "--"
+	}
+	rate = fmt.Sprintf("%.1f MiB/s", r/(1<<20))
+	left := info.Size - hydratedBytes(info)
+	switch {
+	case left <= 0:
+		eta = "0s"
+	case r <= 0:
+		eta = "--"
+	default:
+		eta = (time.Duration(float64(left) / r * float64(time.Second))).Round(time.Second).String()
+	}
+	return rate, eta
+}
+
+// line is the non-terminal progress line.
+func (p *progress) line(info target.Info) string {
+	c := info.Clone
+	rate, eta := p.stats(info)
+	return fmt.Sprintf("%s: %5.1f%% hydrated (%d/%d regions), %s, ETA %s",
+		p.name, 100*p.fraction(info), c.HydratedRegions, c.Regions, rate, eta)
+}
+
+func (p *progress) drawBar(info target.Info) {
+	rate, eta := p.stats(info)
+	frac := p.fraction(info)
+	tail := fmt.Sprintf(" %5.1f%%  %s  ETA %s", 100*frac, rate, eta)
+	barWidth := p.width - len(p.name) - len(tail) - 4
+	bar := ""
+	if barWidth >= 10 {
+		filled := int(frac * float64(barWidth))
+		bar = " [" + strings.Repeat("=", filled) + strings.Repeat(" ", barWidth-filled) + "]"
+	}
+	// \r and erase-line redraw in place.
+	fmt.Fprintf(p.out, "\r\x1b[K%s%s%s", p.name, bar, tail)
+	p.drawn = true
+}
+
+func (p *progress) finish(info target.Info) {
+	c := info.Clone
+	switch {
+	case c == nil:
+		p.abort()
+		fmt.Fprintf(p.out, "%s: nothing to hydrate (%s table)\n", p.name, info.Type)
+	case p.tty:
+		p.drawBar(info)
+		fmt.Fprintln(p.out)
+		p.drawn = false
+	default:
+		fmt.Fprintf(p.out, "%s: hydrated (%d/%d regions)\n", p.name, c.HydratedRegions, c.Regions)
+	}
+}
+
+// abort ends a bar line so what follows starts on its own line.
+func (p *progress) abort() {
+	if p.drawn {
+		fmt.Fprintln(p.out)
+		p.drawn = false
+	}
+}

@@ -1,0 +1,95 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+
+	"github.com/nbdclone/nbdclone/daemon"
+)
+
+func (c *cli) serveCmd() *cobra.Command {
+	var (
+		listen    []string
+		stateDir  string
+		metrics   string
+		logFormat string
+		logLevel  string
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the daemon: serve devices over NBD and the control socket",
+		Long: `Run the nbdclone daemon in the foreground until SIGINT or SIGTERM.
+
+It listens for NBD clients on every --listen address (unix:PATH, mode 0660,
+or tcp:HOST:PORT; TCP only when asked), for the other nbdclone commands on
+the control socket (--control, mode 0600), and, with --metrics, serves
+Prometheus metrics at http://HOST:PORT/metrics. Socket directories are
+created; a stale socket left by a dead daemon is replaced, a live one is an
+error.
+
+Every device is recorded in the state directory; on start, each is rebuilt
+and resumed. A device that cannot be rebuilt is listed as failed by
+"nbdclone ls" rather than stopping the daemon.
+
+On SIGINT or SIGTERM the daemon stops accepting connections, drains and
+suspends every device (committing metadata), disconnects NBD clients and
+exits 0. Logs go to stderr.`,
+		Example: `  nbdclone serve
+  nbdclone serve --listen unix:/run/nbdclone/nbd.sock --listen tcp:127.0.0.1:10809 --metrics tcp:127.0.0.1:9810`,
+		Args: args(0, 0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			logger, err := newLogger(c.env, logFormat, logLevel)
+			if err != nil {
+				return &usageError{cmd: cmd.CommandPath(), err: err}
+			}
+			for i, l := range listen {
+				if p, ok := strings.CutPrefix(l, "unix:"); ok {
+					listen[i] = "unix:" + c.absPath(p)
+				}
+			}
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			d, err := daemon.New(daemon.Config{
+				Listen:     listen,
+				Control:    c.absPath(c.control),
+				StateDir:   c.absPath(stateDir),
+				Metrics:    metrics,
+				Logger:     logger,
+				Registerer: reg,
+				Gatherer:   reg,
+			})
+			if err != nil {
+				return err
+			}
+			return d.Run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringArrayVar(&listen, "listen", []string{daemon.DefaultListen}, "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable)")
+	f.StringVar(&stateDir, "state", daemon.DefaultStateDir, "state directory: one file per device, restored on start")
+	f.StringVar(&metrics, "metrics", "", "serve Prometheus metrics on tcp:HOST:PORT at /metrics (default off)")
+	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	return cmd
+}
+
+func newLogger(e *env, format, level string) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("serve: unknown log level %q (want debug, info, warn or error)", level)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(e.stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(e.stderr, opts)), nil
+	default:
+		return nil, fmt.Errorf("serve: unknown log format %q (want text or json)", format)
+	}
+}

@@ -1,0 +1,170 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Defaults.
+const (
+	DefaultListen   = "unix:/run/nbdclone/nbd.sock"
+	DefaultControl  = "/run/nbdclone/control.sock"
+	DefaultStateDir = "/var/lib/nbdclone"
+	// DefaultSuspendTimeout bounds the wait for in-flight I/O to drain when a
+	// suspend (or a resume that has to suspend first) does not say otherwise.
+	DefaultSuspendTimeout = 30 * time.Second
+	// ControlEnv names the environment variable the CLI reads for the
+	// control socket path.
+	ControlEnv = "NBDCLONE_CONTROL"
+)
+
+// Config configures a Daemon. The zero value of each field means its default.
+type Config struct {
+	// Listen are the NBD listeners: "unix:PATH" or "tcp:HOST:PORT".
+	// Default [DefaultListen]; TCP only when asked.
+	Listen []string
+	// Control is the control socket path. Default DefaultControl.
+	Control string
+	// StateDir holds one JSON file per device. Default DefaultStateDir.
+	StateDir string
+	// Metrics is "" (no metrics endpoint) or "tcp:HOST:PORT", where /metrics
+	// is served from Gatherer.
+	Metrics string
+	// Logger; default discards.
+	Logger *slog.Logger
+	// Registerer receives the daemon's collector. Default: a new registry.
+	Registerer prometheus.Registerer
+	// Gatherer is what /metrics serves. Default: Registerer, when it is also
+	// a Gatherer (as *prometheus.Registry is).
+	Gatherer prometheus.Gatherer
+	// ShutdownTimeout bounds the drain of each device at shutdown. Default
+	// DefaultSuspendTimeout.
+	ShutdownTimeout time.Duration
+}
+
+// WithDefaults returns c with every zero field set to its default.
+func (c Config) WithDefaults() Config {
+	if len(c.Listen) == 0 {
+		c.Listen = []string{DefaultListen}
+	}
+	if c.Control == "" {
+		c.Control = DefaultControl
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Registerer == nil {
+		reg := prometheus.NewRegistry()
+		c.Registerer = reg
+		if c.Gatherer == nil {
+			c.Gatherer = reg
+		}
+	}
+	if c.Gatherer == nil {
+		if g, ok := c.Registerer.(prometheus.Gatherer); ok {
+			c.Gatherer = g
+		}
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = DefaultSuspendTimeout
+	}
+	return c
+}
+
+// Validate checks a Config after WithDefaults.
+func (c Config) Validate() error {
+	var errs []error
+	if len(c.Listen) == 0 {
+		errs = append(errs, errors.New("no NBD listener"))
+	}
+	seen := map[string]bool{}
+	for _, l := range c.Listen {
+		a, err := parseListen(l)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if seen[a.String()] {
+			errs = append(errs, fmt.Errorf("listener %q given twice", l))
+		}
+		seen[a.String()] = true
+	}
+	if c.Control == "" {
+		errs = append(errs, errors.New("no control socket path"))
+	}
+	if seen["unix:"+filepath.Clean(c.Control)] {
+		errs = append(errs, fmt.Errorf("control socket %s is also an NBD listener", c.Control))
+	}
+	if c.StateDir == "" {
+		errs = append(errs, errors.New("no state directory"))
+	}
+	if c.Metrics != "" {
+		a, err := parseListen(c.Metrics)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("metrics: %w", err))
+		case a.network != "tcp":
+			errs = append(errs, fmt.Errorf("metrics address %q: want tcp:HOST:PORT", c.Metrics))
+		}
+		if c.Gatherer == nil {
+			errs = append(errs, errors.New("metrics: Registerer is not a prometheus.Gatherer and no Gatherer is set"))
+		}
+	}
+	if c.Logger == nil {
+		errs = append(errs, errors.New("no logger"))
+	}
+	if c.Registerer == nil {
+		errs = append(errs, errors.New("no prometheus registerer"))
+	}
+	if c.ShutdownTimeout < 0 {
+		errs = append(errs, errors.New("negative shutdown timeout"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("%w: config: %w", ErrInvalid, err)
+	}
+	return nil
+}
+
+// listenAddr is one parsed "unix:PATH" or "tcp:HOST:PORT".
+type listenAddr struct {
+	network string // "unix" or "tcp"
+	addr    string // a clean path, or HOST:PORT
+}
+
+func (a listenAddr) String() string { return a.network + ":" + a.addr }
+
+func parseListen(s string) (listenAddr, error) {
+	network, addr, ok := strings.Cut(s, ":")
+	if !ok {
+		return listenAddr{}, fmt.Errorf("listen address %q: want unix:PATH or tcp:HOST:PORT", s)
+	}
+	switch network {
+	case "unix":
+		if addr == "" {
+			return listenAddr{}, fmt.Errorf("listen address %q: empty socket path", s)
+		}
+		return listenAddr{network: "unix", addr: filepath.Clean(addr)}, nil
+	case "tcp":
+		_, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			return listenAddr{}, fmt.Errorf("listen address %q: %w", s, err)
+		}
+		if p, err := strconv.ParseUint(port, 10, 16); err != nil || (p == 0 && port != "0") {
+			return listenAddr{}, fmt.Errorf("listen address %q: bad port %q", s, port)
+		}
+		return listenAddr{network: "tcp", addr: addr}, nil
+	default:
+		return listenAddr{}, fmt.Errorf("listen address %q: unknown network %q (want unix or tcp)", s, network)
+	}
+}

@@ -1,0 +1,310 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/nbdclone/nbdclone/nbdserver"
+	"github.com/nbdclone/nbdclone/target"
+)
+
+// Preferred NBD block size bounds (NBD_INFO_BLOCK_SIZE).
+const (
+	minPreferredBlock     = 512
+	maxPreferredBlock     = 32 << 20
+	defaultPreferredBlock = 4096
+)
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9_.+-]{1,64}$`)
+
+func validName(name string) error {
+	if !nameRE.MatchString(name) || name == "." || name == ".." {
+		return newErr(ErrInvalid, "invalid device name %q: want 1 to 64 of A-Z a-z 0-9 _ . + - (not . or ..)", name)
+	}
+	return nil
+}
+
+// handle is one built target with the table it was built from. Readers
+// (status, info, message) hold it through users, so it is closed only after
+// the last of them left (invariant 3).
+type handle struct {
+	t     target.Target
+	table target.Table
+	dir   string // Env.Dir it was built with
+	users sync.WaitGroup
+	// running is true between Resume and Suspend. Only operations holding
+	// the device's ops semaphore touch it.
+	running bool
+}
+
+func (h *handle) release() { h.users.Done() }
+
+// loaded is an inactive table: built at load, or only parsed when its
+// build must wait for the live target to release the metadata store.
+type loaded struct {
+	table target.Table
+	dir   string
+	t     target.Target // nil: build at resume
+}
+
+// device is one named device: an NBD export backed by its live target.
+type device struct {
+	name    string
+	size    int64 // bytes; fixed at create (invariant 2)
+	created time.Time
+	log     *slog.Logger
+	gate    *gate
+	// ops serialises control operations (load, suspend, resume, remove).
+	// It is a semaphore held for a whole operation, which does I/O; it
+	// guards no fields itself, and ctx-aware acquisition keeps a waiting
+	// request cancellable.
+	ops chan struct{}
+	// removed is closed when the device leaves the registry.
+	removed chan struct{}
+
+	mu sync.Mutex
+	// Guarded by mu.
+	ready     bool    // create finished; visible to NBD and ls
+	gone      bool    // removed from the registry
+	live      *handle // nil while failed, or while a swap has no target
+	table     target.Table
+	dir       string
+	inactive  *loaded
+	suspended bool
+	failure   error         // why live is nil, when it is not a swap
+	swapping  chan struct{} // non-nil while a swap has no live target; closed when it ends
+	conns     int           // open NBD connections
+}
+
+func newDevice(name string, tbl target.Table, dir string, created time.Time, log *slog.Logger) *device {
+	return &device{
+		name:    name,
+		size:    tbl.Bytes(),
+		created: created,
+		log:     log.With("device", name),
+		gate:    newGate(),
+		ops:     make(chan struct{}, 1),
+		removed: make(chan struct{}),
+		table:   tbl,
+		dir:     dir,
+	}
+}
+
+// lockOps takes the ops semaphore.
+func (d *device) lockOps(ctx context.Context) (unlock func(), err error) {
+	select {
+	case d.ops <- struct{}{}:
+		return func() { <-d.ops }, nil
+	case <-d.removed:
+		return nil, errNotFound(d.name)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// acquire returns the live target for a reader, waiting through a swap.
+// Call release on the handle when done.
+func (d *device) acquire(ctx context.Context) (*handle, error) {
+	for {
+		d.mu.Lock()
+		if d.gone {
+			d.mu.Unlock()
+			return nil, errNotFound(d.name)
+		}
+		if h := d.live; h != nil {
+			h.users.Add(1)
+			d.mu.Unlock()
+			return h, nil
+		}
+		swapping, failure := d.swapping, d.failure
+		d.mu.Unlock()
+		if swapping == nil {
+			return nil, d.failedErr(failure)
+		}
+		select {
+		case <-swapping:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// tryAcquire is acquire without waiting: nil while there is no live target.
+func (d *device) tryAcquire() *handle {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gone || d.live == nil {
+		return nil
+	}
+	d.live.users.Add(1)
+	return d.live
+}
+
+func (d *device) failedErr(cause error) error {
+	if cause == nil {
+		return newErr(ErrFailed, "device %s has no live table", d.name)
+	}
+	return wrapErr(ErrFailed, cause, "device %s failed", d.name)
+}
+
+// liveOpsHeld returns the live handle; the caller holds ops, so it cannot
+// change underneath.
+func (d *device) liveOpsHeld() *handle {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.live
+}
+
+// publish makes h the live target and ends a swap.
+func (d *device) publish(h *handle) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.live = h
+	d.table, d.dir = h.table, h.dir
+	d.failure = nil
+	if d.swapping != nil {
+		close(d.swapping)
+		d.swapping = nil
+	}
+}
+
+// unpublish removes the live target; readers wait for the swap to end.
+func (d *device) unpublish() *handle {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	h := d.live
+	d.live = nil
+	if d.swapping == nil {
+		d.swapping = make(chan struct{})
+	}
+	return h
+}
+
+// setFailed records that the device has no live target, ending any swap.
+func (d *device) setFailed(cause error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.live = nil
+	d.failure = cause
+	if d.swapping != nil {
+		close(d.swapping)
+		d.swapping = nil
+	}
+}
+
+func (d *device) setSuspended(s bool) {
+	d.mu.Lock()
+	d.suspended = s
+	d.mu.Unlock()
+}
+
+func (d *device) isSuspended() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.suspended
+}
+
+// ioTarget returns the target for an I/O that entered the gate. The gate
+// guarantees no swap is under way (invariant 1).
+func (d *device) ioTarget() (target.Target, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.live == nil {
+		return nil, target.ErrIO
+	}
+	return d.live.t, nil
+}
+
+// Device implements nbdserver.Export by forwarding to the live target
+// through the gate.
+var _ nbdserver.Export = (*device)(nil)
+
+func (d *device) Size() int64 { return d.size }
+
+// Flags: targets implement every command, and a flush syncs the whole
+// device, so multi-conn is safe.
+func (d *device) Flags() nbdserver.ExportFlags {
+	return nbdserver.ExportFlags{
+		Flush:     true,
+		FUA:       true,
+		Trim:      true,
+		Zeroes:    true,
+		Cache:     true,
+		MultiConn: true,
+	}
+}
+
+// PreferredBlockSize is the clone region size: I/O that covers whole regions
+// skips copies.
+func (d *device) PreferredBlockSize() uint32 {
+	h := d.tryAcquire()
+	if h == nil {
+		return defaultPreferredBlock
+	}
+	info := h.t.Info()
+	h.release()
+	return preferredBlockSize(info)
+}
+
+func preferredBlockSize(info target.Info) uint32 {
+	if info.Clone == nil || info.Clone.RegionSize <= 0 {
+		return defaultPreferredBlock
+	}
+	return uint32(min(max(info.Clone.RegionSize, minPreferredBlock), maxPreferredBlock))
+}
+
+// do runs one I/O through the gate.
+func (d *device) do(ctx context.Context, io func(target.Target) error) error {
+	if err := d.gate.enter(ctx); err != nil {
+		return err
+	}
+	defer d.gate.leave()
+	t, err := d.ioTarget()
+	if err != nil {
+		return err
+	}
+	return io(t)
+}
+
+func (d *device) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return d.do(ctx, func(t target.Target) error { return t.ReadAt(ctx, p, off) })
+}
+
+func (d *device) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	return d.do(ctx, func(t target.Target) error { return t.WriteAt(ctx, p, off, fua) })
+}
+
+func (d *device) WriteZeroes(ctx context.Context, off, n int64, fua, noHole, fastZero bool) error {
+	if fastZero {
+		// Not advertised: a target cannot promise that zeroing is fast.
+		return fmt.Errorf("daemon: fast zero: %w", syscall.ENOTSUP)
+	}
+	// noHole is always honoured: a target's WriteZeroes is not a discard
+	// and never deallocates.
+	return d.do(ctx, func(t target.Target) error { return t.WriteZeroes(ctx, off, n, fua) })
+}
+
+func (d *device) Trim(ctx context.Context, off, n int64, fua bool) error {
+	return d.do(ctx, func(t target.Target) error {
+		if err := t.Trim(ctx, off, n); err != nil {
+			return err
+		}
+		if fua {
+			return t.Flush(ctx)
+		}
+		return nil
+	})
+}
+
+func (d *device) Flush(ctx context.Context) error {
+	return d.do(ctx, func(t target.Target) error { return t.Flush(ctx) })
+}
+
+func (d *device) Cache(ctx context.Context, off, n int64) error {
+	return d.do(ctx, func(t target.Target) error { return t.Cache(ctx, off, n) })
+}

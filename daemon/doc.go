@@ -1,0 +1,29 @@
+// Package daemon is nbdclone's long-running process, its device-mapper: a
+// registry of named devices (each a live table and an optional loaded one),
+// dm's create/load/suspend/resume/message/remove operations, the control API
+// (HTTP+JSON on a unix socket) with its typed Client, metrics, and restart
+// recovery from the state directory.
+//
+// Invariants:
+//
+//  1. NBD clients never see a table swap. Every I/O enters the device's gate;
+//     suspend closes the gate and waits for the I/O in flight to drain before
+//     the target is suspended, and new I/O waits (it is not failed) until
+//     resume reopens the gate. A target is only ever swapped, suspended or
+//     closed while the gate is closed and drained.
+//  2. A device's size never changes: a table of another length is refused at
+//     load, because NBD clients learn the size once, at handshake.
+//  3. Control operations on one device are serialised (load, suspend, resume,
+//     remove); status, table, message and info read the live target through a
+//     counted handle, and a target is closed only after its last reader left.
+//  4. A failed resume leaves the device running its old table: when the new
+//     table cannot be built, the old one is rebuilt and resumed.
+//  5. The state directory holds exactly the live table of every device,
+//     written atomically (temp file, fsync, rename, fsync of the directory)
+//     after the table is live; a restart rebuilds every device from it, and a
+//     device that fails to rebuild is kept and reported, never fatal.
+//  6. JSON status and metrics read Info snapshots and never force a metadata
+//     commit; only the dm status line does (as dm-clone's status does).
+//  7. Shutdown drains and suspends every device (committing metadata) before
+//     targets are closed, and waits for every goroutine it started.
+package daemon

@@ -1,0 +1,349 @@
+package nbdserver
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"net"
+)
+
+var be = binary.BigEndian
+
+// errAbort ends a negotiation the client gave up with NBD_OPT_ABORT.
+var errAbort = errors.New("nbdserver: client sent NBD_OPT_ABORT")
+
+// session is the negotiation state of one connection: what the client
+// asked for so far.
+type session struct {
+	fixed      bool // NBD_FLAG_C_FIXED_NEWSTYLE: options get replies
+	noZeroes   bool // NBD_FLAG_C_NO_ZEROES
+	structured bool // NBD_OPT_STRUCTURED_REPLY acknowledged
+
+	// Room for the protocol extensions still to come, so they change this
+	// struct and the option switch in handleOption, not the flow:
+	//  - NBD_OPT_STARTTLS swaps c.nc and c.r for a tls.Conn (c.r is empty
+	//    then: the client sends nothing until our ACK) and, as the spec
+	//    requires, resets this session to its zero value except fixed.
+	//  - NBD_OPT_SET_META_CONTEXT records the export name and the selected
+	//    contexts here (metaExport, metaContexts []metaContext{id, name});
+	//    enter copies them to the conn when the names match, and check then
+	//    admits NBD_CMD_BLOCK_STATUS instead of failing it with EINVAL.
+}
+
+// opened is the export a client entered the transmission phase with.
+type opened struct {
+	name    string
+	release func() // from Exports.Open: call exactly once, when the connection ends
+}
+
+// negotiate runs the fixed newstyle handshake until the client enters the
+// transmission phase (NBD_OPT_GO or NBD_OPT_EXPORT_NAME), aborts, or breaks
+// the protocol. On success the transmission state is set (enter) and the
+// export is open.
+func (c *conn) negotiate() (*opened, error) {
+	var greeting [18]byte
+	be.PutUint64(greeting[0:], nbdMagic)
+	be.PutUint64(greeting[8:], optMagic)
+	be.PutUint16(greeting[16:], flagFixedNewstyle|flagNoZeroes)
+	if _, err := c.nc.Write(greeting[:]); err != nil {
+		return nil, fmt.Errorf("nbdserver: send greeting: %w", err)
+	}
+	var flagBuf [4]byte
+	if _, err := io.ReadFull(c.r, flagBuf[:]); err != nil {
+		return nil, fmt.Errorf("nbdserver: read client flags: %w", err)
+	}
+	clientFlags := be.Uint32(flagBuf[:])
+	if clientFlags&^clientFlagsKnown != 0 {
+		// The spec: the server MUST drop the connection on flags it does not know.
+		return nil, fmt.Errorf("nbdserver: unknown client flags %#x", clientFlags)
+	}
+	sess := session{
+		fixed:    clientFlags&clientFlagFixedNewstyle != 0,
+		noZeroes: clientFlags&clientFlagNoZeroes != 0,
+	}
+
+	for {
+		var hdr [16]byte
+		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+			return nil, fmt.Errorf("nbdserver: read option header: %w", err)
+		}
+		if magic := be.Uint64(hdr[0:]); magic != optMagic {
+			return nil, fmt.Errorf("nbdserver: bad option magic %#x", magic)
+		}
+		opt, length := be.Uint32(hdr[8:]), be.Uint32(hdr[12:])
+		if length > maxOptionLen {
+			// Refused before allocating or reading: skipping gigabytes of
+			// option data would be a denial of service in itself.
+			if sess.fixed {
+				c.optError(opt, repErrTooBig, fmt.Sprintf("option data of %d bytes exceeds this server's limit of %d", length, maxOptionLen))
+			}
+			return nil, fmt.Errorf("nbdserver: option %d carries %d bytes, over the %d-byte limit", opt, length, maxOptionLen)
+		}
+		data := make([]byte, length)
+		if _, err := io.ReadFull(c.r, data); err != nil {
+			return nil, fmt.Errorf("nbdserver: read option %d data: %w", opt, err)
+		}
+		if !sess.fixed && opt != optExportName {
+			// Plain newstyle clients cannot parse option replies.
+			return nil, fmt.Errorf("nbdserver: option %d from a client without fixed newstyle", opt)
+		}
+		if o, err := c.handleOption(&sess, opt, data); err != nil || o != nil {
+			return o, err
+		}
+	}
+}
+
+// handleOption answers one option. It returns the opened export when the
+// client entered the transmission phase, an error when the connection must
+// end, and neither when negotiation goes on.
+func (c *conn) handleOption(sess *session, opt uint32, data []byte) (*opened, error) {
+	switch opt {
+	case optExportName:
+		return c.handleExportName(sess, data)
+	case optAbort:
+		// The spec: ignore any data, reply ACK; the client may already be gone.
+		c.optReply(opt, repAck)
+		return nil, errAbort
+	case optList:
+		return nil, c.list(data)
+	case optInfo, optGo:
+		return c.infoOrGo(sess, opt, data)
+	case optStructuredReply:
+		if len(data) != 0 {
+			return nil, c.optError(opt, repErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+		}
+		sess.structured = true // a repeat is harmless: acknowledge it again
+		return nil, c.optReply(opt, repAck)
+	case optStartTLS, optListMetaContext, optSetMetaContext, optExtendedHeaders:
+		// Not yet implemented (see session); clients fall back cleanly.
+		return nil, c.optError(opt, repErrUnsup, "option not supported by this server")
+	default:
+		return nil, c.optError(opt, repErrUnsup, fmt.Sprintf("unknown option %d", opt))
+	}
+}
+
+// handleExportName handles NBD_OPT_EXPORT_NAME, which cannot fail politely: an
+// unknown export ends the connection.
+func (c *conn) handleExportName(sess *session, data []byte) (*opened, error) {
+	if len(data) > maxStringLen {
+		return nil, fmt.Errorf("nbdserver: NBD_OPT_EXPORT_NAME name of %d bytes", len(data))
+	}
+	name := string(data)
+	exp, release, ok := c.s.exports.Open(name)
+	if !ok {
+		return nil, fmt.Errorf("nbdserver: NBD_OPT_EXPORT_NAME: unknown export %q", name)
+	}
+	c.s.markTransmitting(c, name)
+	flags := exp.Flags()
+	reply := make([]byte, 10, 10+exportNameZeroes)
+	be.PutUint64(reply[0:], exportSize(exp))
+	be.PutUint16(reply[8:], transmissionFlags(flags, sess.structured))
+	if !sess.noZeroes {
+		reply = reply[:10+exportNameZeroes]
+	}
+	if _, err := c.nc.Write(reply); err != nil {
+		release()
+		return nil, fmt.Errorf("nbdserver: reply to NBD_OPT_EXPORT_NAME: %w", err)
+	}
+	c.enter(exp, flags, sess)
+	return &opened{name: name, release: release}, nil
+}
+
+// list handles NBD_OPT_LIST: one NBD_REP_SERVER per export, then ACK.
+func (c *conn) list(data []byte) error {
+	if len(data) != 0 {
+		return c.optError(optList, repErrInvalid, "NBD_OPT_LIST takes no data")
+	}
+	for _, info := range c.s.exports.List() {
+		// The description travels after the name, as the spec's
+		// "implementation-specific details ... suitable for display".
+		reply := make([]byte, 4, 4+len(info.Name)+len(info.Description))
+		be.PutUint32(reply, uint32(len(info.Name)))
+		reply = append(reply, info.Name...)
+		reply = append(reply, info.Description...)
+		if err := c.optReply(optList, repServer, reply); err != nil {
+			return err
+		}
+	}
+	return c.optReply(optList, repAck)
+}
+
+// infoOrGo handles NBD_OPT_INFO and NBD_OPT_GO, which share their format:
+// name length, name, count of information requests, requests.
+func (c *conn) infoOrGo(sess *session, opt uint32, data []byte) (*opened, error) {
+	if len(data) < 6 {
+		return nil, c.optError(opt, repErrInvalid, "option data too short")
+	}
+	nameLen := be.Uint32(data)
+	if uint64(nameLen) > uint64(len(data)-6) {
+		return nil, c.optError(opt, repErrInvalid, "export name length exceeds the option data")
+	}
+	if nameLen > maxStringLen {
+		return nil, c.optError(opt, repErrInvalid, "export name longer than 4096 bytes")
+	}
+	name := string(data[4 : 4+nameLen])
+	rest := data[4+nameLen:]
+	nreq := int(be.Uint16(rest))
+	if len(rest) != 2+2*nreq {
+		return nil, c.optError(opt, repErrInvalid, "information request count does not match the option length")
+	}
+	var wantName, wantDescription bool
+	for i := range nreq {
+		switch be.Uint16(rest[2+2*i:]) {
+		case infoName:
+			wantName = true
+		case infoDescription:
+			wantDescription = true
+		}
+		// NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE are always sent; the spec
+		// makes servers ignore requests they do not know.
+	}
+
+	var (
+		exp     Export
+		release = func() {}
+		ok      bool
+	)
+	if opt == optGo {
+		exp, release, ok = c.s.exports.Open(name)
+	} else {
+		exp, ok = c.s.exports.Lookup(name)
+	}
+	if !ok {
+		return nil, c.optError(opt, repErrUnknown, fmt.Sprintf("unknown export %q", name))
+	}
+	if opt == optGo {
+		// Before the ACK: a Disconnect racing with this GO must find the
+		// connection (it will stop at its first request read).
+		c.s.markTransmitting(c, name)
+	}
+
+	// One snapshot of the flags: what is advertised is what is enforced.
+	flags := exp.Flags()
+	err := c.sendInfo(opt, exp, flags, sess, name, wantName, wantDescription)
+	if err == nil {
+		err = c.optReply(opt, repAck)
+	}
+	if err != nil {
+		release()
+		return nil, err
+	}
+	if opt != optGo {
+		return nil, nil
+	}
+	c.enter(exp, flags, sess)
+	return &opened{name: name, release: release}, nil
+}
+
+func (c *conn) sendInfo(opt uint32, exp Export, flags ExportFlags, sess *session, name string, wantName, wantDescription bool) error {
+	var export [12]byte
+	be.PutUint16(export[0:], infoExport)
+	be.PutUint64(export[2:], exportSize(exp))
+	be.PutUint16(export[10:], transmissionFlags(flags, sess.structured))
+	if err := c.optReply(opt, repInfo, export[:]); err != nil {
+		return err
+	}
+	if wantName {
+		if err := c.optReply(opt, repInfo, be.AppendUint16(nil, infoName), []byte(name)); err != nil {
+			return err
+		}
+	}
+	if wantDescription {
+		if err := c.optReply(opt, repInfo, be.AppendUint16(nil, infoDescription), []byte(c.description(name))); err != nil {
+			return err
+		}
+	}
+	// Always sent, requested or not: the maximum (MaxPayload) is not the
+	// spec's default, so the server must advertise it.
+	var blockSize [14]byte
+	be.PutUint16(blockSize[0:], infoBlockSize)
+	be.PutUint32(blockSize[2:], 1)
+	be.PutUint32(blockSize[6:], preferredBlockSize(exp.PreferredBlockSize(), c.s.opts.MaxPayload))
+	be.PutUint32(blockSize[10:], uint32(c.s.opts.MaxPayload))
+	return c.optReply(opt, repInfo, blockSize[:])
+}
+
+func (c *conn) description(name string) string {
+	for _, info := range c.s.exports.List() {
+		if info.Name == name {
+			return info.Description
+		}
+	}
+	return ""
+}
+
+// enter fixes the transmission-phase state; called once, before the reader
+// starts and before any worker exists.
+func (c *conn) enter(exp Export, flags ExportFlags, sess *session) {
+	c.exp = exp
+	c.size = exportSize(exp)
+	c.flags = flags
+	c.structured = sess.structured
+}
+
+func exportSize(exp Export) uint64 {
+	return uint64(max(exp.Size(), 0))
+}
+
+// transmissionFlags is what the client is told the export can do. The
+// server rejects every command and flag it does not advertise.
+func transmissionFlags(f ExportFlags, structured bool) uint16 {
+	flags := tflagHasFlags
+	set := func(cond bool, flag uint16) {
+		if cond {
+			flags |= flag
+		}
+	}
+	set(f.ReadOnly, tflagReadOnly)
+	set(f.Flush, tflagSendFlush)
+	set(f.FUA, tflagSendFUA)
+	set(f.Trim, tflagSendTrim)
+	set(f.Zeroes, tflagSendWriteZeroes)
+	set(f.Zeroes && f.FastZero, tflagSendFastZero) // the spec: never FAST_ZERO without WRITE_ZEROES
+	set(f.Cache, tflagSendCache)
+	set(f.MultiConn, tflagCanMultiConn)
+	// Reads are never fragmented, so DF costs nothing to honour; the spec
+	// allows it only with structured replies.
+	set(structured, tflagSendDF)
+	return flags
+}
+
+// preferredBlockSize makes the export's preference a legal advertisement: a
+// power of two, at least 512, at most the maximum block size.
+func preferredBlockSize(preferred uint32, maxPayload int) uint32 {
+	if preferred == 0 {
+		preferred = 4096 // the spec's default
+	}
+	p := uint32(1) << (bits.Len32(preferred) - 1) // round down to a power of two
+	p = max(p, 512)
+	for int(p) > maxPayload {
+		p >>= 1
+	}
+	return p
+}
+
+// optReply sends one option reply; parts are concatenated as its data.
+func (c *conn) optReply(opt, typ uint32, parts ...[]byte) error {
+	var hdr [20]byte
+	length := 0
+	for _, p := range parts {
+		length += len(p)
+	}
+	be.PutUint64(hdr[0:], optReplyMagic)
+	be.PutUint32(hdr[8:], opt)
+	be.PutUint32(hdr[12:], typ)
+	be.PutUint32(hdr[16:], uint32(length))
+	bufs := append(net.Buffers{hdr[:]}, parts...)
+	if _, err := bufs.WriteTo(c.nc); err != nil {
+		return fmt.Errorf("nbdserver: reply to option %d: %w", opt, err)
+	}
+	return nil
+}
+
+// optError sends an error reply with a message for the user. It returns
+// only the write error: the option failing does not end the negotiation.
+func (c *conn) optError(opt, typ uint32, msg string) error {
+	return c.optReply(opt, typ, []byte(errorMessage(msg)))
+}

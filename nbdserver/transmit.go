@@ -1,0 +1,431 @@
+package nbdserver
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+)
+
+// request is one transmission-phase request header.
+type request struct {
+	flags  uint16
+	typ    uint16
+	handle uint64
+	offset uint64
+	length uint32
+}
+
+// rejection is why the server fails a request without calling the export.
+type rejection struct {
+	errno uint32 // 0: accepted
+	msg   string
+}
+
+// endReason says why the reader stopped.
+type endReason int
+
+const (
+	endDisc     endReason = iota // NBD_CMD_DISC: finish what is in flight, then close
+	endStopped                   // Disconnect, Close, cancelled Serve or broken reply stream
+	endClosed                    // the client went away (or the read failed)
+	endProtocol                  // the client broke the protocol: hard disconnect
+)
+
+// transmit runs the transmission phase until the connection ends. When it
+// returns the connection is closed and no worker is running.
+func (c *conn) transmit() {
+	switch c.readLoop() {
+	case endDisc:
+		c.drain(false)
+	case endStopped:
+		c.drain(true)
+	case endClosed, endProtocol:
+		// Nobody will read the replies: cancel the requests right away.
+	}
+	c.cancel()
+	c.nc.Close()
+	c.workers.Wait()
+}
+
+// readLoop is the connection's only reader. It reads each request with its
+// payload and hands it to a worker; when MaxInFlight requests (or
+// MaxInFlightBytes of payload) are in flight it stops reading until one
+// completes, which is the back-pressure the client sees.
+func (c *conn) readLoop() endReason {
+	var hdr [requestHeaderLen]byte
+	for {
+		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+			return c.readFailed("request header", err)
+		}
+		if magic := be.Uint32(hdr[0:]); magic != requestMagic {
+			c.log.Info("nbdserver: bad request magic; disconnecting", "magic", fmt.Sprintf("%#x", magic))
+			return endProtocol
+		}
+		req := request{
+			flags:  be.Uint16(hdr[4:]),
+			typ:    be.Uint16(hdr[6:]),
+			handle: be.Uint64(hdr[8:]),
+			offset: be.Uint64(hdr[16:]),
+			length: be.Uint32(hdr[24:]),
+		}
+		if req.typ == cmdDisc {
+			c.log.Debug("nbdserver: client sent NBD_CMD_DISC")
+			return endDisc
+		}
+		reject := c.check(req)
+		var held int64 // payload bytes this request keeps in memory
+		if reject.errno == 0 && (req.typ == cmdRead || req.typ == cmdWrite) {
+			held = int64(req.length)
+		}
+		if !c.adm.acquire(c.stop, held) {
+			return endStopped
+		}
+		var payload *[]byte
+		if req.typ == cmdWrite && req.length > 0 {
+			var err error
+			if reject.errno == 0 {
+				payload = c.s.buffers.get(int(req.length))
+				_, err = io.ReadFull(c.r, *payload)
+			} else {
+				// A rejected WRITE's payload is still on the wire: consume
+				// it (without buffering it) to find the next request.
+				_, err = io.CopyN(io.Discard, c.r, int64(req.length))
+			}
+			if err != nil {
+				c.s.buffers.put(payload)
+				c.adm.release(held)
+				return c.readFailed("write payload", err)
+			}
+		}
+		c.workers.Go(func() { c.serve(req, reject, payload, held) })
+	}
+}
+
+func (c *conn) readFailed(what string, err error) endReason {
+	switch {
+	case c.stopping():
+		return endStopped
+	case isClosedConn(err):
+		c.log.Debug("nbdserver: client closed the connection", "while_reading", what)
+	default:
+		c.log.Info("nbdserver: read failed; disconnecting", "while_reading", what, "err", err)
+	}
+	return endClosed
+}
+
+// drain waits until no request is in flight. Once the connection is
+// stopping (already, or when it starts during the wait) it waits at most
+// ShutdownGrace more.
+func (c *conn) drain(stopping bool) {
+	var grace <-chan time.Time
+	startGrace := func() {
+		t := time.NewTimer(c.s.opts.ShutdownGrace)
+		grace = t.C // an unstopped timer is collected once unreferenced
+	}
+	stop := c.stop
+	if stopping {
+		startGrace()
+		stop = nil
+	}
+	for {
+		idle, changed := c.adm.idle()
+		if idle {
+			return
+		}
+		select {
+		case <-changed:
+		case <-stop:
+			startGrace()
+			stop = nil
+		case <-grace:
+			c.log.Warn("nbdserver: requests still in flight after the shutdown grace; cancelling them")
+			return
+		}
+	}
+}
+
+// check validates a request against the spec and what was advertised, in
+// the order: command, support, flags, read-only, length, bounds.
+func (c *conn) check(req request) rejection {
+	const knownFlags = cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagReqOne | cmdFlagFastZero
+	if req.flags&^knownFlags != 0 {
+		return reject(nbdEINVAL, "unknown command flags %#x", req.flags&^knownFlags)
+	}
+	f := c.flags
+	var allowed uint16
+	if f.FUA {
+		// Valid on every command once advertised: some clients set it on
+		// reads and flushes, and the spec makes servers accept that.
+		allowed |= cmdFlagFUA
+	}
+	supported := true
+	switch req.typ {
+	case cmdRead:
+		if c.structured {
+			allowed |= cmdFlagDF
+		}
+	case cmdWrite:
+	case cmdFlush:
+		supported = f.Flush
+	case cmdTrim:
+		supported = f.Trim
+	case cmdCache:
+		supported = f.Cache
+	case cmdWriteZeroes:
+		supported = f.Zeroes
+		allowed |= cmdFlagNoHole
+		if f.FastZero {
+			allowed |= cmdFlagFastZero
+		}
+	case cmdBlockStatus:
+		// Until metadata contexts can be negotiated none is ever selected,
+		// and the spec answers BLOCK_STATUS without one with EINVAL.
+		return reject(nbdEINVAL, "NBD_CMD_BLOCK_STATUS without a negotiated metadata context")
+	default:
+		return reject(nbdEINVAL, "unknown command %d", req.typ)
+	}
+	if !supported {
+		return reject(nbdEINVAL, "%s is not supported by this export", cmdName(req.typ))
+	}
+	if bad := req.flags &^ allowed; bad != 0 {
+		return reject(nbdEINVAL, "command flags %#x are not valid for %s here", bad, cmdName(req.typ))
+	}
+	writes := req.typ == cmdWrite || req.typ == cmdTrim || req.typ == cmdWriteZeroes
+	if writes && f.ReadOnly {
+		return reject(nbdEPERM, "%s on a read-only export", cmdName(req.typ))
+	}
+	if req.typ == cmdFlush {
+		if req.offset != 0 || req.length != 0 {
+			return reject(nbdEINVAL, "NBD_CMD_FLUSH with nonzero offset or length")
+		}
+		return rejection{}
+	}
+	// Only READ and WRITE carry their length as a payload; the other
+	// commands are bounded by the export size alone.
+	if (req.typ == cmdRead || req.typ == cmdWrite) && int64(req.length) > int64(c.s.opts.MaxPayload) {
+		return reject(nbdEINVAL, "%s of %d bytes exceeds the maximum block size %d", cmdName(req.typ), req.length, c.s.opts.MaxPayload)
+	}
+	if req.offset > c.size || uint64(req.length) > c.size-req.offset {
+		// The spec: ENOSPC for writes past the end, EINVAL for the rest.
+		errno := nbdEINVAL
+		if req.typ == cmdWrite || req.typ == cmdWriteZeroes {
+			errno = nbdENOSPC
+		}
+		return reject(errno, "%s of %d bytes at offset %d is beyond the export size %d", cmdName(req.typ), req.length, req.offset, c.size)
+	}
+	return rejection{}
+}
+
+func reject(errno uint32, format string, args ...any) rejection {
+	return rejection{errno: errno, msg: fmt.Sprintf(format, args...)}
+}
+
+func cmdName(typ uint16) string {
+	switch typ {
+	case cmdRead:
+		return "NBD_CMD_READ"
+	case cmdWrite:
+		return "NBD_CMD_WRITE"
+	case cmdDisc:
+		return "NBD_CMD_DISC"
+	case cmdFlush:
+		return "NBD_CMD_FLUSH"
+	case cmdTrim:
+		return "NBD_CMD_TRIM"
+	case cmdCache:
+		return "NBD_CMD_CACHE"
+	case cmdWriteZeroes:
+		return "NBD_CMD_WRITE_ZEROES"
+	case cmdBlockStatus:
+		return "NBD_CMD_BLOCK_STATUS"
+	default:
+		return fmt.Sprintf("command %d", typ)
+	}
+}
+
+// serve runs one request in its worker and replies. held is released last,
+// after the reply (and with it the payload buffer) is gone.
+func (c *conn) serve(req request, rej rejection, payload *[]byte, held int64) {
+	defer c.adm.release(held)
+	if rej.errno != 0 {
+		c.log.Debug("nbdserver: request rejected", "cmd", cmdName(req.typ), "offset", req.offset, "length", req.length, "errno", rej.errno, "why", rej.msg)
+		c.replyError(req, rej.errno, rej.msg, -1)
+		return
+	}
+	off, n := int64(req.offset), int64(req.length)
+	fua := req.flags&cmdFlagFUA != 0
+	var err error
+	// Zero-length requests are legal but meaningless; the spec leaves their
+	// effect to the server, which answers them without bothering the export.
+	switch req.typ {
+	case cmdRead:
+		c.serveRead(req)
+		return
+	case cmdWrite:
+		if n > 0 {
+			err = c.exp.WriteAt(c.ctx, *payload, off, fua)
+			c.s.buffers.put(payload)
+		}
+	case cmdFlush:
+		err = c.exp.Flush(c.ctx)
+	case cmdTrim:
+		if n > 0 {
+			err = c.exp.Trim(c.ctx, off, n, fua)
+		}
+	case cmdWriteZeroes:
+		if n > 0 {
+			err = c.exp.WriteZeroes(c.ctx, off, n, fua, req.flags&cmdFlagNoHole != 0, req.flags&cmdFlagFastZero != 0)
+		}
+	case cmdCache:
+		if n > 0 {
+			err = c.exp.Cache(c.ctx, off, n)
+		}
+	}
+	if err == nil {
+		c.replyOK(req)
+		return
+	}
+	c.log.Debug("nbdserver: request failed", "cmd", cmdName(req.typ), "offset", req.offset, "length", req.length, "err", err)
+	errOff := int64(-1)
+	var oe *OffsetError
+	if req.typ != cmdFlush && errors.As(err, &oe) && oe.Offset >= off && oe.Offset < off+n {
+		errOff = oe.Offset
+	}
+	c.replyError(req, errnoOf(err), err.Error(), errOff)
+}
+
+// serveRead reads into a pooled buffer and sends it after the reply header
+// in one vectored write.
+func (c *conn) serveRead(req request) {
+	n := int(req.length)
+	if n == 0 {
+		c.replyOK(req)
+		return
+	}
+	off := int64(req.offset)
+	bp := c.s.buffers.get(n)
+	defer c.s.buffers.put(bp)
+	buf := *bp
+	// A pooled buffer holds another request's data, possibly another
+	// export's; an export that returns without filling p must not leak it.
+	clear(buf)
+	err := c.exp.ReadAt(c.ctx, buf, off)
+	if err == nil {
+		if !c.structured {
+			var hdr [simpleReplyHeaderLen]byte
+			putSimpleReply(hdr[:], 0, req.handle)
+			c.send(net.Buffers{hdr[:], buf})
+			return
+		}
+		// One content chunk, final: the data is all in memory, so no error
+		// can arise while it is sent (the spec's condition for DONE on
+		// data), and DF is honoured by construction.
+		var hdr [structuredReplyHeaderLen + 8]byte
+		putChunkHeader(hdr[:], replyFlagDone, replyTypeOffsetData, req.handle, uint32(8+n))
+		be.PutUint64(hdr[structuredReplyHeaderLen:], req.offset)
+		c.send(net.Buffers{hdr[:], buf})
+		return
+	}
+	c.log.Debug("nbdserver: read failed", "offset", req.offset, "length", req.length, "err", err)
+	errno := errnoOf(err)
+	var oe *OffsetError
+	if !c.structured || !errors.As(err, &oe) || oe.Offset < off || oe.Offset >= off+int64(n) {
+		c.replyError(req, errno, err.Error(), -1)
+		return
+	}
+	// Partial success: the bytes before the failed offset, then the error
+	// at that offset, in one write so nothing interleaves mid-reply.
+	var bufs net.Buffers
+	if good := int(oe.Offset - off); good > 0 {
+		var hdr [structuredReplyHeaderLen + 8]byte
+		putChunkHeader(hdr[:], 0, replyTypeOffsetData, req.handle, uint32(8+good))
+		be.PutUint64(hdr[structuredReplyHeaderLen:], req.offset)
+		bufs = append(bufs, hdr[:], buf[:good])
+	}
+	bufs = append(bufs, errorChunk(req.handle, errno, err.Error(), oe.Offset))
+	c.send(bufs)
+}
+
+// replyOK sends a successful reply without payload: a simple reply, which
+// the spec allows even with structured replies, except for READ.
+func (c *conn) replyOK(req request) {
+	if c.structured && req.typ == cmdRead {
+		var hdr [structuredReplyHeaderLen]byte
+		putChunkHeader(hdr[:], replyFlagDone, replyTypeNone, req.handle, 0)
+		c.send(net.Buffers{hdr[:]})
+		return
+	}
+	var hdr [simpleReplyHeaderLen]byte
+	putSimpleReply(hdr[:], 0, req.handle)
+	c.send(net.Buffers{hdr[:]})
+}
+
+// replyError fails a request. With structured replies the error carries its
+// message, and its offset when errOff ≥ 0.
+func (c *conn) replyError(req request, errno uint32, msg string, errOff int64) {
+	if !c.structured {
+		// A simple reply cannot carry a message; for READ it also carries
+		// no data once the error field is set.
+		var hdr [simpleReplyHeaderLen]byte
+		putSimpleReply(hdr[:], errno, req.handle)
+		c.send(net.Buffers{hdr[:]})
+		return
+	}
+	c.send(net.Buffers{errorChunk(req.handle, errno, msg, errOff)})
+}
+
+// errorChunk builds a final NBD_REPLY_TYPE_ERROR chunk, or
+// NBD_REPLY_TYPE_ERROR_OFFSET when errOff ≥ 0.
+func errorChunk(handle uint64, errno uint32, msg string, errOff int64) []byte {
+	msg = errorMessage(msg)
+	typ := replyTypeError
+	length := 6 + len(msg)
+	if errOff >= 0 {
+		typ = replyTypeErrorOffset
+		length += 8
+	}
+	b := make([]byte, structuredReplyHeaderLen, structuredReplyHeaderLen+length)
+	putChunkHeader(b, replyFlagDone, typ, handle, uint32(length))
+	b = be.AppendUint32(b, errno)
+	b = be.AppendUint16(b, uint16(len(msg)))
+	b = append(b, msg...)
+	if errOff >= 0 {
+		b = be.AppendUint64(b, uint64(errOff))
+	}
+	return b
+}
+
+func putSimpleReply(b []byte, errno uint32, handle uint64) {
+	be.PutUint32(b[0:], simpleReplyMagic)
+	be.PutUint32(b[4:], errno)
+	be.PutUint64(b[8:], handle)
+}
+
+func putChunkHeader(b []byte, flags, typ uint16, handle uint64, length uint32) {
+	be.PutUint32(b[0:], structuredReplyMagic)
+	be.PutUint16(b[4:], flags)
+	be.PutUint16(b[6:], typ)
+	be.PutUint64(b[8:], handle)
+	be.PutUint32(b[16:], length)
+}
+
+// send writes one whole reply. The writer lock is held across the write on
+// purpose: it is what keeps replies from interleaving on the wire, and a
+// large read reply goes out as header and payload in one writev.
+func (c *conn) send(bufs net.Buffers) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return
+	}
+	if _, err := bufs.WriteTo(c.nc); err != nil {
+		// A partial reply misframes the stream and a failed one means the
+		// client is gone: either way no later reply can be delivered.
+		c.werr = err
+		c.cancel()
+		c.beginShutdown()
+		c.log.Debug("nbdserver: reply write failed; disconnecting", "err", err)
+	}
+}
