@@ -22,11 +22,6 @@ packages=(
   hyperfine
 )
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "install-deps: must run as root (apt-get)" >&2
-  exit 1
-fi
-
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
@@ -37,6 +32,11 @@ done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all ${#packages[@]} packages present"
   exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing ${missing[*]}; run as root (apt-get) to install them" >&2
+  exit 1
 fi
 
 echo "install-deps: installing ${missing[*]}"
