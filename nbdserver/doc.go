@@ -33,8 +33,9 @@
 //     ≤ 64 KiB; at most MaxInFlight requests and MaxInFlightBytes of READ and
 //     WRITE payload in flight, beyond which the reader stops reading the
 //     socket. A rejected WRITE's payload is skipped, not buffered.
-//  6. A slow request never delays another: each runs in its own worker and
-//     replies as soon as it is done, in any order (the spec allows it).
+//  6. A slow request does not hold back the ones behind it: each runs in its
+//     own worker and replies as soon as it is done, in any order (the spec
+//     allows it). Only a connection's full in-flight budget stops reading.
 //  7. A reply never carries bytes the request did not read: pooled read
 //     buffers are cleared before the Export fills them.
 //  8. Lifecycle: every goroutine is tracked and Close waits for all of them.

@@ -16,6 +16,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -324,7 +326,22 @@ func runFio(t *testing.T, uri string) (string, error) {
 func TestFioVerify(t *testing.T) {
 	e := newMemExports(t)
 	disk := e.add("disk", "", newMemExport(16<<20, allFlags))
+	// The first request is held until a second one reaches the export: a
+	// server that ran one request at a time would hang here (and fail at
+	// runTool's bound), fio sending 32 at once.
+	var requests atomic.Int64
+	second := make(chan struct{})
+	secondArrived := sync.OnceFunc(func() { close(second) })
+	disk.hook = func(ctx context.Context, op string, off, n int64) error {
+		if requests.Add(1) == 1 {
+			<-second
+		} else {
+			secondArrived()
+		}
+		return nil
+	}
 	srv := startServer(t, e, Options{})
+	t.Cleanup(secondArrived)
 	if out, err := runFio(t, nbdURI(srv.sock, "disk")); err != nil || !strings.Contains(out, "err= 0") {
 		t.Fatalf("fio: %v\n%s", err, out)
 	}

@@ -145,7 +145,11 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		return ErrServerClosed
 	}
 	s.listeners[l] = struct{}{}
+	// Serve runs in its caller's goroutine, but Close waits for it too: when
+	// Close returns, every Serve has returned.
+	s.wg.Add(1)
 	s.mu.Unlock()
+	defer s.wg.Done()
 	defer func() {
 		s.mu.Lock()
 		delete(s.listeners, l)
@@ -221,8 +225,8 @@ func (s *Server) isClosed() bool {
 // server is closing.
 func (s *Server) startConn(serveCtx context.Context, nc net.Conn, l net.Listener) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed {
+		s.mu.Unlock()
 		nc.Close()
 		return
 	}
@@ -230,6 +234,7 @@ func (s *Server) startConn(serveCtx context.Context, nc net.Conn, l net.Listener
 	c := newConn(s, serveCtx, nc, l, s.nextID)
 	s.conns[c] = struct{}{}
 	s.wg.Go(c.run) // s.closed is false under mu: this is goFunc, inlined
+	s.mu.Unlock()
 }
 
 // removeConn forgets c once it is fully torn down.
@@ -293,8 +298,8 @@ func (s *Server) Connections() map[string]int {
 }
 
 // Close stops accepting on every listener, shuts every connection down as
-// Disconnect does, and waits for every goroutine the server started. It is
-// idempotent; every call waits.
+// Disconnect does, and waits for every goroutine the server started and for
+// every Serve call to return. It is idempotent; every call waits.
 func (s *Server) Close() error {
 	s.mu.Lock()
 	var listeners []net.Listener
