@@ -38,6 +38,9 @@ type Config struct {
 	// Metrics is "" (no metrics endpoint) or "tcp:HOST:PORT", where /metrics
 	// is served from Gatherer.
 	Metrics string
+	// Pprof also serves Go's profiler at /debug/pprof/ on the metrics
+	// listener (it needs Metrics).
+	Pprof bool
 	// Logger; default discards.
 	Logger *slog.Logger
 	// Registerer receives the daemon's collector. Default: a new registry.
@@ -120,6 +123,9 @@ func (c Config) Validate() error {
 		if c.Gatherer == nil {
 			errs = append(errs, errors.New("metrics: Registerer is not a prometheus.Gatherer and no Gatherer is set"))
 		}
+	}
+	if c.Pprof && c.Metrics == "" {
+		errs = append(errs, errors.New("pprof: needs --metrics (it is served on the metrics listener)"))
 	}
 	if c.Logger == nil {
 		errs = append(errs, errors.New("no logger"))

@@ -359,11 +359,35 @@ type conn struct {
 
 	adm     admission
 	workers sync.WaitGroup // request workers; waited for before release
+	// work hands requests to idle workers; the read loop is its only
+	// sender and closes it when reading stops. Workers live as long as the
+	// connection, so their stacks are grown once, not per request.
+	work     chan workItem
+	nworkers int // workers started; only the read loop touches it
 
-	wmu sync.Mutex // serialises replies: one whole reply per lock hold
-	// werr is the first reply write error; guarded by wmu. After it, no
-	// reply can be framed correctly any more, so none is attempted.
+	// Replies are combined: whoever finds no write in progress becomes the
+	// writer and sends everything queued in one writev, then anything
+	// queued meanwhile, so replies never interleave and a busy connection
+	// makes one syscall for many replies.
+	wmu   sync.Mutex
+	wcond *sync.Cond // signalled after each batch is written; uses wmu
+	// Guarded by wmu:
+	writing bool
+	pending net.Buffers // queued reply buffers, in order
+	spare   net.Buffers // the previous batch's slice, reused
+	queued  uint64      // replies queued so far
+	written uint64      // replies written (or abandoned after werr)
+	// werr is the first reply write error. After it, no reply can be
+	// framed correctly any more, so none is attempted.
 	werr error
+}
+
+// workItem is one request handed to a worker.
+type workItem struct {
+	req     request
+	rej     rejection
+	payload *[]byte
+	held    int64
 }
 
 func newConn(s *Server, serveCtx context.Context, nc net.Conn, l net.Listener, id uint64) *conn {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync"
 	"time"
 )
 
@@ -36,7 +37,11 @@ const (
 // transmit runs the transmission phase until the connection ends. When it
 // returns the connection is closed and no worker is running.
 func (c *conn) transmit() {
-	switch c.readLoop() {
+	c.work = make(chan workItem)
+	c.wcond = sync.NewCond(&c.wmu)
+	end := c.readLoop()
+	close(c.work) // idle workers exit; busy ones after their request
+	switch end {
 	case endDisc:
 		c.drain(false)
 	case endStopped:
@@ -99,8 +104,29 @@ func (c *conn) readLoop() endReason {
 				return c.readFailed("write payload", err)
 			}
 		}
-		c.workers.Go(func() { c.serve(req, reject, payload, held) })
+		c.dispatch(workItem{req: req, rej: reject, payload: payload, held: held})
 	}
+}
+
+// dispatch hands a request to an idle worker, or starts one. Admission
+// bounds the requests in flight, so at most MaxInFlight workers exist.
+func (c *conn) dispatch(item workItem) {
+	select {
+	case c.work <- item:
+		return
+	default:
+	}
+	if c.nworkers >= c.s.opts.MaxInFlight {
+		c.work <- item // a worker is finishing its reply and will take it
+		return
+	}
+	c.nworkers++
+	c.workers.Go(func() {
+		c.serve(item.req, item.rej, item.payload, item.held)
+		for it := range c.work {
+			c.serve(it.req, it.rej, it.payload, it.held)
+		}
+	})
 }
 
 func (c *conn) readFailed(what string, err error) endReason {
@@ -411,21 +437,48 @@ func putChunkHeader(b []byte, flags, typ uint16, handle uint64, length uint32) {
 	be.PutUint32(b[16:], length)
 }
 
-// send writes one whole reply. The writer lock is held across the write on
-// purpose: it is what keeps replies from interleaving on the wire, and a
-// large read reply goes out as header and payload in one writev.
+// send queues one whole reply and returns once it is written (its buffers
+// may then be reused). Replies queued while another is being written go out
+// together in the next writev: whole replies, in queue order, so they never
+// interleave on the wire.
 func (c *conn) send(bufs net.Buffers) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.werr != nil {
 		return
 	}
-	if _, err := bufs.WriteTo(c.nc); err != nil {
-		// A partial reply misframes the stream and a failed one means the
-		// client is gone: either way no later reply can be delivered.
-		c.werr = err
-		c.cancel()
-		c.beginShutdown()
-		c.log.Debug("nbdserver: reply write failed; disconnecting", "err", err)
+	c.pending = append(c.pending, bufs...)
+	c.queued++
+	mine := c.queued
+	for c.written < mine {
+		if c.writing {
+			c.wcond.Wait()
+			continue
+		}
+		c.writing = true
+		for len(c.pending) > 0 {
+			batch, upTo := c.pending, c.queued
+			c.pending = c.spare[:0]
+			c.wmu.Unlock()
+			unsent := batch // WriteTo consumes the slice it is called on
+			_, err := unsent.WriteTo(c.nc)
+			clear(batch) // drop references to reply buffers
+			c.wmu.Lock()
+			c.spare = batch[:0]
+			c.written = upTo
+			if err != nil {
+				// A partial reply misframes the stream and a failed one
+				// means the client is gone: no later reply can be
+				// delivered, so everything queued is abandoned.
+				c.werr = err
+				c.pending = nil
+				c.written = c.queued
+				c.cancel()
+				c.beginShutdown()
+				c.log.Debug("nbdserver: reply write failed; disconnecting", "err", err)
+			}
+			c.wcond.Broadcast()
+		}
+		c.writing = false
 	}
 }

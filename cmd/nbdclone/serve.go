@@ -17,6 +17,7 @@ func (c *cli) serveCmd() *cobra.Command {
 		listen    []string
 		stateDir  string
 		metrics   string
+		pprof     bool
 		logFormat string
 		logLevel  string
 	)
@@ -59,6 +60,7 @@ exits 0. Logs go to stderr.`,
 				Control:    c.absPath(c.control),
 				StateDir:   c.absPath(stateDir),
 				Metrics:    metrics,
+				Pprof:      pprof,
 				Logger:     logger,
 				Registerer: reg,
 				Gatherer:   reg,
@@ -73,6 +75,7 @@ exits 0. Logs go to stderr.`,
 	f.StringArrayVar(&listen, "listen", []string{daemon.DefaultListen}, "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable)")
 	f.StringVar(&stateDir, "state", daemon.DefaultStateDir, "state directory: one file per device, restored on start")
 	f.StringVar(&metrics, "metrics", "", "serve Prometheus metrics on tcp:HOST:PORT at /metrics (default off)")
+	f.BoolVar(&pprof, "pprof", false, "also serve Go's profiler at /debug/pprof/ on the --metrics listener")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
