@@ -1,0 +1,30 @@
+// Package target builds device-mapper style targets from table lines and
+// maps a device's I/O onto them: `clone` (dm-clone's I/O mapping,
+// dm-clone-target.c) and `linear`. Table and message errors carry
+// device-mapper's own text (DMError).
+//
+// Invariants of the clone target (tested in model_test.go and io_test.go):
+//   - Source is never written: it is held as a blockdev.Reader.
+//   - Reads never block on hydration: an unhydrated region is read from the
+//     source, a hydrated one from the destination.
+//   - One writer per unhydrated region: background copies, on-demand copies
+//     (partial writes, partial write-zeroes, CACHE), whole-region
+//     overwrites and discards of unhydrated regions all take the region's
+//     lock, and re-check the bitmap under it; a user write to a region the
+//     bitmap says is hydrated goes straight to the destination, so a region
+//     is only marked hydrated once no copy of it can still land.
+//   - A region is marked hydrated only after its copy or overwrite
+//     succeeded; a failed copy fails the user write that needed it (EIO)
+//     and leaves the region unhydrated.
+//   - Durability: FLUSH and FUA commit metadata when it changed in this
+//     transaction (destination sync, then the metadata write), otherwise
+//     sync the destination; concurrent flushes share one commit. Metadata is
+//     also committed every second while resumed, at suspend, and before a
+//     status line (dm-clone's rules).
+//   - Discards count whole regions only (the partial last region counts
+//     when covered to the end); a discard covering none is a no-op.
+//   - Modes: in ro, writes needing new metadata fail with EIO and discards
+//     of unhydrated regions are ignored; in Fail every I/O fails with EIO.
+//   - A target is built suspended; I/O methods are only called while
+//     resumed (the daemon's gate guarantees it).
+package target
