@@ -116,3 +116,27 @@ func (l *Locks) Len() int {
 	}
 	return n
 }
+
+// WaitRange waits until every region of [first, end) that is locked when it
+// is called has been unlocked once. Cost: the regions locked now, not the
+// size of the range.
+func (l *Locks) WaitRange(ctx context.Context, first, end uint64) error {
+	var held []uint64
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		for r := range s.held {
+			if r >= first && r < end {
+				held = append(held, r)
+			}
+		}
+		s.mu.Unlock()
+	}
+	for _, r := range held {
+		if err := l.Lock(ctx, r); err != nil {
+			return err
+		}
+		l.Unlock(r)
+	}
+	return nil
+}

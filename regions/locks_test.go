@@ -78,3 +78,24 @@ func TestLocksTryAndCancel(t *testing.T) {
 		t.Fatalf("%d lock entries leaked", l.Len())
 	}
 }
+
+func TestWaitRange(t *testing.T) {
+	l := NewLocks()
+	l.TryLock(5)
+	l.TryLock(50) // outside the range: not waited for
+	done := make(chan error)
+	go func() { done <- l.WaitRange(context.Background(), 0, 10) }()
+	select {
+	case <-done:
+		t.Fatal("WaitRange returned while region 5 was held")
+	case <-time.After(20 * time.Millisecond):
+	}
+	l.Unlock(5)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WaitRange(context.Background(), 0, 10); err != nil {
+		t.Fatal(err)
+	}
+	l.Unlock(50)
+}

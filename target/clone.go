@@ -28,9 +28,6 @@ const (
 	defaultHydrationThreshold = 1
 	defaultHydrationBatchSize = 1
 	commitPeriod              = time.Second
-	// maxZeroRun bounds how many whole regions one WriteZeroes or discard
-	// locks at once.
-	maxLockRun = 8192
 )
 
 // cloneConfig is a parsed clone table line.
@@ -558,39 +555,30 @@ func (c *clone) Trim(ctx context.Context, off, n int64) error {
 }
 
 // skipRegions marks the unhydrated regions of [first, first+count) hydrated
-// without copying. Each is locked first: a copy in flight finishes before
-// its region is marked, so it can never land over a later user write.
+// without copying, then waits for the copies and overwrites already in
+// flight on them (they hold region locks): once the discard returns, no
+// copy can land over a later write. A region marked while its copy or
+// overwrite is in flight is only marked again by it (a no-op). The cost is
+// the bitmap words plus the regions locked now, not one lock per region.
 func (c *clone) skipRegions(ctx context.Context, first, count uint64) error {
-	end := first + count
-	for r := c.md.NextUnhydrated(first); r < end; r = c.md.NextUnhydrated(r) {
-		// Lock a run of unhydrated regions, in ascending order.
-		run := uint64(0)
-		for r+run < end && run < maxLockRun && !c.md.IsHydrated(r+run) {
-			if err := c.locks.Lock(ctx, r+run); err != nil {
-				c.unlockRun(r, run)
-				return err
-			}
-			run++
+	last := first + count - 1
+	lastWasUnhydrated := !c.md.IsHydrated(last)
+	changed, err := c.md.SetRange(first, count)
+	if err != nil {
+		if errors.Is(err, metadata.ErrReadOnly) {
+			return nil // dm-clone ignores discards it cannot record
 		}
-		if run == 0 {
-			r++
-			continue
-		}
-		changed, err := c.md.SetRange(r, run)
-		c.unlockRun(r, run)
-		if err != nil {
-			if errors.Is(err, metadata.ErrReadOnly) {
-				return nil
-			}
-			return fmt.Errorf("target: discard: %w: %w", err, ErrIO)
-		}
-		c.stats.discard.Add(int64(changed) * c.geom.RegionSize())
-		if c.md.Done() {
-			c.requestCommit()
-		}
-		r += run
+		return fmt.Errorf("target: discard: %w: %w", err, ErrIO)
 	}
-	return nil
+	bytes := int64(changed) * c.geom.RegionSize()
+	if lastWasUnhydrated && changed > 0 {
+		bytes -= c.geom.RegionSize() - c.geom.Len(last) // a partial last region
+	}
+	c.stats.discard.Add(bytes)
+	if c.md.Done() {
+		c.requestCommit()
+	}
+	return c.locks.WaitRange(ctx, first, first+count)
 }
 
 func (c *clone) unlockRun(r, n uint64) {

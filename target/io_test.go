@@ -113,6 +113,9 @@ func TestPartialTailRegion(t *testing.T) {
 	if c2.md.Hydrated() != 2 {
 		t.Fatalf("trim of the last full region and the tail hydrated %d regions, want 2", c2.md.Hydrated())
 	}
+	if got := c2.Info().Clone.Stats.HydratedDiscardBytes; got != 4096+1024 {
+		t.Fatalf("discard bytes = %d, want %d (a full region and the 1024-byte tail)", got, 4096+1024)
+	}
 }
 
 func TestDiscardSkipsWholeRegionsOnly(t *testing.T) {
