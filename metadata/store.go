@@ -8,11 +8,14 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nbdclone/nbdclone/regions"
 )
@@ -35,6 +38,9 @@ var (
 	ErrReadOnly = errors.New("metadata: read-only mode")
 	// ErrClosed: the store is closed.
 	ErrClosed = errors.New("metadata: closed")
+	// ErrNoSpace: the metadata filesystem is (nearly) full. It wraps
+	// syscall.ENOSPC.
+	ErrNoSpace = fmt.Errorf("metadata: not enough free space on the metadata filesystem: %w", syscall.ENOSPC)
 )
 
 const (
@@ -99,7 +105,23 @@ type Options struct {
 	Logger     *slog.Logger
 	// WrapKV, if set, wraps the badger store (fault injection in tests).
 	WrapKV func(KV) KV
+	// ReserveBytes of real disk space are held in a ballast file next to
+	// the store and released when the filesystem runs out, so badger's
+	// pending flushes and compactions never meet a full filesystem (badger
+	// writes through mmap: ENOSPC there is a SIGBUS that kills the
+	// process). 0 means DefaultReserve; negative disables it (tests).
+	ReserveBytes int64
 }
+
+// DefaultReserve is the ballast a store keeps (see Options.ReserveBytes).
+const DefaultReserve = 32 << 20
+
+// reserveName is the ballast file, inside the store's directory.
+const reserveName = "nbdclone.reserve"
+
+// commitHeadroom is the free space a commit needs beyond twice its own
+// bytes: one memtable that the commit may start and later flush.
+const commitHeadroom = 8 << 20
 
 // Validate checks the options.
 func (o *Options) Validate() error {
@@ -124,6 +146,8 @@ type Stats struct {
 type Store struct {
 	log       *slog.Logger
 	kv        KV
+	dir       string
+	reserve   int64 // ballast bytes; 0 when disabled
 	sb        Superblock
 	nrRegions uint64
 	nrChunks  uint64
@@ -141,6 +165,11 @@ type Store struct {
 	persisted      []bool
 	persistedCount atomic.Uint64
 	closed         bool // guarded by commitMu
+	// reserveReleased: the ballast was given back; guarded by commitMu.
+	reserveReleased bool
+	// freeBytes reports the free space of a filesystem (statfs; replaced in
+	// tests).
+	freeBytes func(dir string) (int64, error)
 
 	commits, commitErrors, chunksWritten atomic.Uint64
 	commitNanos                          atomic.Int64
@@ -168,12 +197,100 @@ func Open(opts Options) (*Store, error) {
 	if opts.WrapKV != nil {
 		kv = opts.WrapKV(kv)
 	}
-	s := &Store{log: log, kv: kv}
+	s := &Store{log: log, kv: kv, dir: opts.Dir, freeBytes: statfsFree}
+	if opts.ReserveBytes >= 0 {
+		s.reserve = opts.ReserveBytes
+		if s.reserve == 0 {
+			s.reserve = DefaultReserve
+		}
+		if err := s.ensureReserve(); err != nil {
+			kv.Close()
+			return nil, err
+		}
+	}
 	if err := s.load(opts, fresh); err != nil {
 		kv.Close()
 		return nil, err
 	}
 	return s, nil
+}
+
+func statfsFree(dir string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Bavail) * int64(st.Bsize), nil
+}
+
+// ensureReserve allocates the ballast file (real blocks, not a hole).
+func (s *Store) ensureReserve() error {
+	p := filepath.Join(s.dir, reserveName)
+	if fi, err := os.Stat(p); err == nil && fi.Size() == s.reserve {
+		return nil
+	}
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("%w: creating %s: %w", ErrNoWrite, p, err)
+	}
+	defer f.Close()
+	if err := unix.Fallocate(int(f.Fd()), 0, 0, s.reserve); err != nil {
+		os.Remove(p)
+		if errors.Is(err, syscall.ENOSPC) {
+			return fmt.Errorf("%w: the store keeps a %d MiB reserve", ErrNoSpace, s.reserve>>20)
+		}
+		return fmt.Errorf("%w: reserving space in %s: %w", ErrNoWrite, p, err)
+	}
+	return f.Sync()
+}
+
+// checkSpaceLocked fails when the filesystem cannot take a commit of n
+// bytes plus badger's follow-up writes; it then releases the ballast so
+// those follow-ups (flushes, compaction, the flush at Close) have room.
+func (s *Store) checkSpaceLocked(n int) error {
+	if s.reserve <= 0 {
+		return nil
+	}
+	free, err := s.freeBytes(s.dir)
+	if err != nil {
+		return fmt.Errorf("metadata: statfs %s: %w", s.dir, err)
+	}
+	need := 2*int64(n) + commitHeadroom
+	if free >= need {
+		return nil
+	}
+	if !s.reserveReleased {
+		s.log.Error("metadata filesystem is full: reserve released, commits refused",
+			"dir", s.dir, "free_bytes", free, "needed_bytes", need, "reserve_bytes", s.reserve)
+	}
+	s.releaseReserveLocked("filesystem full")
+	return fmt.Errorf("%w (%d bytes free, a commit needs %d)", ErrNoSpace, free, need)
+}
+
+func (s *Store) releaseReserveLocked(why string) {
+	if s.reserve <= 0 || s.reserveReleased {
+		return
+	}
+	s.reserveReleased = true
+	if err := os.Remove(filepath.Join(s.dir, reserveName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Error("releasing the metadata space reserve", "why", why, "err", err)
+	}
+}
+
+// CheckSpace is the periodic watch on the metadata filesystem: badger may
+// flush and compact between commits, so when free space falls below what a
+// commit needs, the store switches to ro and releases its reserve before
+// badger can run out (dm-clone's answer to any metadata failure).
+func (s *Store) CheckSpace() error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	if s.closed || s.Mode() != ModeRW || s.reserve <= 0 {
+		return nil
+	}
+	if err := s.checkSpaceLocked(0); err != nil {
+		return s.failedLocked("space check", err)
+	}
+	return nil
 }
 
 // prepareDir creates a missing directory and reports whether the store is
@@ -488,6 +605,13 @@ func (s *Store) Commit(dest Syncer) error {
 			}
 		}
 	}
+	size := 0
+	for _, e := range entries {
+		size += len(e.Key) + len(e.Value)
+	}
+	if err := s.checkSpaceLocked(size); err != nil {
+		return s.failedLocked("commit", err)
+	}
 	if err := dest.Sync(); err != nil {
 		return s.failedLocked("destination flush", err)
 	}
@@ -579,6 +703,9 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
+	// Closing flushes badger's memtable into a new table: give it the
+	// ballast's room (it is recreated at the next open).
+	s.releaseReserveLocked("closing")
 	if err := s.kv.Close(); err != nil {
 		return fmt.Errorf("metadata: close: %w", err)
 	}

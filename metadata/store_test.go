@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -311,5 +312,74 @@ func TestConcurrentSetAndCommitLoseNothing(t *testing.T) {
 	defer s.Close()
 	if s.Hydrated() != want {
 		t.Fatalf("after reopen %d hydrated, want %d: a dirty mark was lost", s.Hydrated(), want)
+	}
+}
+
+func TestFullFilesystemGoesReadOnlyAndReleasesReserve(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	o := testOptions(dir, nil)
+	o.ReserveBytes = 1 << 20
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	reserve := filepath.Join(dir, reserveName)
+	fi, err := os.Stat(reserve)
+	if err != nil || fi.Size() != 1<<20 {
+		t.Fatalf("reserve: %v %v", fi, err)
+	}
+	s.SetHydrated(1)
+	if err := s.Commit(&recorder{}); err != nil {
+		t.Fatal(err)
+	}
+	s.freeBytes = func(string) (int64, error) { return 4 << 20, nil } // below the headroom
+	s.SetHydrated(2)
+	rec := &recorder{}
+	if err := s.Commit(rec); !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("commit on a full filesystem: %v", err)
+	}
+	if len(rec.events) != 0 {
+		t.Fatal("a refused commit still synced or wrote")
+	}
+	if s.Mode() != ModeRO || !s.IsHydrated(1) || s.IsHydrated(2) {
+		t.Fatalf("mode %v; want ro with the committed bitmap", s.Mode())
+	}
+	if _, err := os.Stat(reserve); !os.IsNotExist(err) {
+		t.Fatal("the reserve was not released")
+	}
+}
+
+func TestCheckSpaceAndCloseReleaseReserve(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	o := testOptions(dir, nil)
+	o.ReserveBytes = 1 << 20
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reserve := filepath.Join(dir, reserveName)
+	if err := s.CheckSpace(); err != nil || s.Mode() != ModeRW {
+		t.Fatalf("plenty of space: %v %v", err, s.Mode())
+	}
+	s.freeBytes = func(string) (int64, error) { return 1 << 20, nil }
+	if err := s.CheckSpace(); !errors.Is(err, ErrNoSpace) || s.Mode() != ModeRO {
+		t.Fatalf("low space: %v, mode %v", err, s.Mode())
+	}
+	if _, err := os.Stat(reserve); !os.IsNotExist(err) {
+		t.Fatal("reserve kept on a full filesystem")
+	}
+	s.Close()
+	// Reopened, the reserve is back; closed, it is released for badger's flush.
+	s, err = Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(reserve); err != nil {
+		t.Fatal("reserve not recreated at open")
+	}
+	s.Close()
+	if _, err := os.Stat(reserve); !os.IsNotExist(err) {
+		t.Fatal("reserve kept across Close")
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/nbdclone/nbdclone/blockdev"
@@ -104,4 +105,37 @@ func CloneMetadataPath(t Table, env Env) (string, bool) {
 		return "", false
 	}
 	return filepath.Clean(env.Path(t.Args[0])), true
+}
+
+// Resolve returns t with its path arguments made absolute against dir (the
+// directory the user ran the CLI in): a clone's metadata, destination and a
+// local source, a linear target's device. URIs and other arguments are
+// unchanged.
+func Resolve(t Table, dir string) Table {
+	var paths []int
+	switch t.Type {
+	case "clone":
+		paths = []int{0, 1, 2}
+	case "linear":
+		paths = []int{0}
+	}
+	args := append([]string(nil), t.Args...)
+	for _, i := range paths {
+		if i < len(args) && !isURI(args[i]) {
+			p := args[i]
+			if !filepath.IsAbs(p) && dir != "" {
+				p = filepath.Join(dir, p)
+			}
+			args[i] = filepath.Clean(p)
+		}
+	}
+	t.Args = args
+	return t
+}
+
+// isURI reports whether a table argument names a remote device
+// (scheme://...) rather than a local path.
+func isURI(s string) bool {
+	i := strings.Index(s, "://")
+	return i > 0 && !strings.ContainsAny(s[:i], "/.")
 }

@@ -881,6 +881,13 @@ func (c *clone) waker(ctx context.Context, done chan struct{}) {
 		if err := c.commitIfChanged(); err != nil {
 			c.log.Warn("periodic commit failed", "err", err)
 		}
+		before := c.md.Mode()
+		if err := c.md.CheckSpace(); err != nil {
+			c.log.Error("metadata filesystem full: switching to read-only metadata", "err", err)
+		}
+		if c.md.Mode() != before {
+			c.raiseEvent()
+		}
 	}
 }
 

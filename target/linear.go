@@ -109,9 +109,8 @@ func (l *linear) Cache(_ context.Context, off, n int64) error { return l.check(o
 // Status: dm-linear prints nothing for INFO.
 func (l *linear) Status() string { return "" }
 
-func (l *linear) Table() string {
-	return strings.Join([]string{l.path, strconv.FormatInt(l.offset/SectorSize, 10)}, " ")
-}
+// Table is the constructor arguments, verbatim.
+func (l *linear) Table() string { return strings.Join(l.table.Args, " ") }
 
 func (l *linear) Message(context.Context, []string) error {
 	return dmErr("Unsupported message", nil)
