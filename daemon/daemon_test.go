@@ -126,8 +126,14 @@ func TestDaemonControlAPI(t *testing.T) {
 	if err != nil || st.Info == nil || st.Info.Clone.Regions != 8 || st.URIs[0] != want {
 		t.Errorf("info %+v %v", st, err)
 	}
-	if line, err := c.Table(ctx, "c", false); err != nil || line != "0 64 clone md dest src 8" {
-		t.Errorf("table %q %v", line, err)
+	// The table comes back with its paths resolved against the caller's
+	// directory.
+	canon := "0 64 clone " + filepath.Join("/data", "md") + " " + filepath.Join("/data", "dest") + " " + filepath.Join("/data", "src") + " 8"
+	if dev.Table != canon {
+		t.Errorf("created table %q, want %q", dev.Table, canon)
+	}
+	if line, err := c.Table(ctx, "c", false); err != nil || line != canon {
+		t.Errorf("table %q %v, want %q", line, err, canon)
 	}
 	if line, err := c.Table(ctx, "c", true); err != nil || line != "" {
 		t.Errorf("inactive table %q %v", line, err)

@@ -32,11 +32,11 @@ type Device struct {
 	Error     string `json:"error,omitempty"`
 	Type      string `json:"type"`
 	SizeBytes int64  `json:"size_bytes"`
-	// Table is the live table line as loaded (relative paths as given).
+	// Table is the live table line, its relative paths resolved (target.Resolve).
 	Table string `json:"table"`
 	// InactiveTable is the table loaded and not yet resumed, if any.
 	InactiveTable string `json:"inactive_table,omitempty"`
-	// Dir resolves the live table's relative paths.
+	// Dir is the directory the table was given in.
 	Dir         string    `json:"dir,omitempty"`
 	Connections int       `json:"connections"`
 	URIs        []string  `json:"uris"`
@@ -184,7 +184,9 @@ func parseTable(line, dir string) (target.Table, error) {
 	if dir != "" && !filepath.IsAbs(dir) {
 		return target.Table{}, newErr(ErrInvalid, "working directory %q is not absolute", dir)
 	}
-	return tbl, nil
+	// Relative paths mean something only in the creator's directory: the
+	// table is kept, shown and persisted with them resolved.
+	return target.Resolve(tbl, dir), nil
 }
 
 // create is dmsetup create: build the table, resume it, register and

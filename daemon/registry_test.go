@@ -125,8 +125,9 @@ func TestStatusTableMessage(t *testing.T) {
 	if err != nil || line != "0 64 clone 8 1/2 8 0/8 0 0 4 hydration_threshold 1 hydration_batch_size 1 rw" {
 		t.Errorf("status %q, %v", line, err)
 	}
-	if line, err := r.tableLine(ctx, "c", false); err != nil || line != "0 64 clone md dest src 8" {
-		t.Errorf("table %q, %v", line, err)
+	canon := "0 64 clone " + filepath.Join("/d", "md") + " " + filepath.Join("/d", "dest") + " " + filepath.Join("/d", "src") + " 8"
+	if line, err := r.tableLine(ctx, "c", false); err != nil || line != canon {
+		t.Errorf("table %q, %v; want %q", line, err, canon)
 	}
 	if err := r.message(ctx, "c", "0", []string{"ok", "1"}); err != nil {
 		t.Error(err)
@@ -179,12 +180,17 @@ func TestSwapUnderIO(t *testing.T) {
 	tempImage(t, dir, "b.img", size, 'b')
 	t.Run("linear", func(t *testing.T) {
 		r := newTestRegistry(t, nil)
-		swapUnderIO(t, r, dir, []string{"0 2048 linear a.img 0", "0 2048 linear b.img 0"})
+		swapUnderIO(t, r, dir, []string{"0 2048 linear a.img 0", "0 2048 linear b.img 0"}, []string{
+			"0 2048 linear " + filepath.Join(dir, "a.img") + " 0",
+			"0 2048 linear " + filepath.Join(dir, "b.img") + " 0",
+		})
 	})
 	t.Run("fake", func(t *testing.T) {
 		f := newFakeFactory()
 		r := newTestRegistry(t, f.build)
-		swapUnderIO(t, r, dir, []string{"0 2048 fake a.img", "0 2048 fake b.img"})
+		// Only clone and linear arguments are paths: a fake's stay as given.
+		tables := []string{"0 2048 fake a.img", "0 2048 fake b.img"}
+		swapUnderIO(t, r, dir, tables, tables)
 		for _, ft := range f.all() {
 			if v := ft.violations(); len(v) > 0 {
 				t.Errorf("I/O reached a suspended or closed target: %v", v)
@@ -193,7 +199,9 @@ func TestSwapUnderIO(t *testing.T) {
 	})
 }
 
-func swapUnderIO(t *testing.T, r *registry, dir string, tables []string) {
+// swapUnderIO swaps between tables[0] and tables[1]; canon[i] is how
+// tables[i] reads back (its paths resolved against dir).
+func swapUnderIO(t *testing.T, r *registry, dir string, tables, canon []string) {
 	ctx := t.Context()
 	const size = 1 << 20
 	if err := r.create(ctx, "d", tables[0], dir); err != nil {
@@ -250,8 +258,8 @@ func swapUnderIO(t *testing.T, r *registry, dir string, tables []string) {
 		if err := r.resume(ctx, "d"); err != nil {
 			t.Fatal(err)
 		}
-		if line, _ := r.tableLine(ctx, "d", false); !strings.Contains(line, filepath.Base(strings.Fields(next)[3])) {
-			t.Fatalf("after swap %d the table is %q", i, line)
+		if line, _ := r.tableLine(ctx, "d", false); line != canon[(i+1)%2] {
+			t.Fatalf("after swap %d the table is %q, want %q", i, line, canon[(i+1)%2])
 		}
 	}
 	close(stop)
@@ -264,7 +272,7 @@ func swapUnderIO(t *testing.T, r *registry, dir string, tables []string) {
 	}
 	// The state file holds the live table.
 	rec, err := os.ReadFile(r.state.path("d"))
-	if err != nil || !strings.Contains(string(rec), `"table": "`+tables[0]+`"`) {
+	if err != nil || !strings.Contains(string(rec), `"table": "`+canon[0]+`"`) {
 		t.Errorf("state %s, %v", rec, err)
 	}
 }
@@ -377,6 +385,9 @@ func TestResumeRestoresOldTable(t *testing.T) {
 	r := newTestRegistry(t, f.build)
 	oldTable := "0 64 clone md dest src 8"
 	newTable := "0 64 clone ./md dest src2 8 1 no_hydration"
+	// How they read back, and what the builder sees: resolved against /x.
+	oldCanon := "0 64 clone /x/md /x/dest /x/src 8"
+	newCanon := "0 64 clone /x/md /x/dest /x/src2 8 1 no_hydration"
 	if err := r.create(ctx, "c", oldTable, "/x"); err != nil {
 		t.Fatal(err)
 	}
@@ -390,21 +401,21 @@ func TestResumeRestoresOldTable(t *testing.T) {
 	if got := len(f.all()); got != 1 {
 		t.Fatalf("load built a target on the live metadata store (%d built)", got)
 	}
-	if line, _ := r.tableLine(ctx, "c", true); line != newTable {
-		t.Errorf("inactive table %q", line)
+	if line, _ := r.tableLine(ctx, "c", true); line != newCanon {
+		t.Errorf("inactive table %q, want %q", line, newCanon)
 	}
-	f.failNext(newTable, 1)
+	f.failNext(newCanon, 1)
 	err := r.resume(ctx, "c")
 	mustErr(t, err, ErrInvalid, "Failed to load metadata: injected")
 	if old.closes.Load() != 1 {
 		t.Error("old target not closed before the deferred build")
 	}
 	restored := f.last()
-	if restored == old || restored.table.String() != oldTable || !restored.running {
+	if restored == old || restored.table.String() != oldCanon || !restored.running {
 		t.Fatalf("old table not rebuilt and resumed: %+v", restored.table)
 	}
-	if line, _ := r.tableLine(ctx, "c", false); line != oldTable {
-		t.Errorf("live table %q after a failed resume", line)
+	if line, _ := r.tableLine(ctx, "c", false); line != oldCanon {
+		t.Errorf("live table %q after a failed resume, want %q", line, oldCanon)
 	}
 	if st := r.list()[0]; st.State != StateActive || st.InactiveTable != "" {
 		t.Errorf("device after a failed resume: %+v", st)
@@ -420,19 +431,19 @@ func TestResumeRestoresOldTable(t *testing.T) {
 	if err := r.resume(ctx, "c"); err != nil {
 		t.Fatal(err)
 	}
-	if line, _ := r.tableLine(ctx, "c", false); line != "0 64 clone ./md dest src2 8 1 no_hydration" {
-		t.Errorf("live table %q", line)
+	if line, _ := r.tableLine(ctx, "c", false); line != newCanon {
+		t.Errorf("live table %q, want %q", line, newCanon)
 	}
 	rec, _ := os.ReadFile(r.state.path("c"))
-	if !strings.Contains(string(rec), newTable) {
+	if !strings.Contains(string(rec), `"table": "`+newCanon+`"`) {
 		t.Errorf("state not updated: %s", rec)
 	}
 
 	// Both fail: the device is failed, I/O gets EIO, and a good table
 	// brings it back.
 	other := "0 64 clone md dest src3 8"
-	f.failNext(other, 1)
-	f.failNext(newTable, 1)
+	f.failNext("0 64 clone /x/md /x/dest /x/src3 8", 1)
+	f.failNext(newCanon, 1)
 	if err := r.load(ctx, "c", other, "/x"); err != nil {
 		t.Fatal(err)
 	}
@@ -441,8 +452,11 @@ func TestResumeRestoresOldTable(t *testing.T) {
 	if !strings.Contains(err.Error(), "the old table could not be restored either") {
 		t.Errorf("error %q", err)
 	}
-	if st := r.list()[0]; st.State != StateFailed || st.Error == "" {
-		t.Errorf("device %+v, want failed", st)
+	if st := r.list()[0]; st.State != StateFailed || st.Error == "" || st.Table != newCanon {
+		t.Errorf("device %+v, want failed with table %q", st, newCanon)
+	}
+	if line, err := r.tableLine(ctx, "c", false); err != nil || line != newCanon {
+		t.Errorf("table of the failed device %q, %v; want %q", line, err, newCanon)
 	}
 	if err := exp.ReadAt(ctx, make([]byte, 512), 0); !errors.Is(err, target.ErrIO) {
 		t.Errorf("I/O on a failed device: %v", err)
@@ -519,8 +533,8 @@ func TestLoadChecks(t *testing.T) {
 	if err := r.load(ctx, "d", "0 8 clone /md b", "/"); err != nil {
 		t.Fatalf("reload on the same store: %v", err)
 	}
-	if line, _ := r.tableLine(ctx, "d", true); line != "0 8 clone /md b" {
-		t.Errorf("inactive %q", line)
+	if line, _ := r.tableLine(ctx, "d", true); line != "0 8 clone /md /b" {
+		t.Errorf("inactive %q, want %q", line, "0 8 clone /md /b")
 	}
 }
 
@@ -619,11 +633,12 @@ func TestRestore(t *testing.T) {
 	for _, d := range devs {
 		byName[d.Name] = d
 	}
-	if a := byName["a"]; a.State != StateActive || a.Table != "0 2048 linear a.img 0" || a.Dir != dir {
+	aTable := "0 2048 linear " + filepath.Join(dir, "a.img") + " 0"
+	if a := byName["a"]; a.State != StateActive || a.Table != aTable || a.Dir != dir {
 		t.Errorf("a: %+v", a)
 	}
 	// b was swapped to a.img before the restart.
-	if b := byName["b"]; b.State != StateActive || b.Table != "0 2048 linear a.img 0" {
+	if b := byName["b"]; b.State != StateActive || b.Table != aTable {
 		t.Errorf("b: %+v", b)
 	}
 	if br := byName["broken"]; br.State != StateFailed || !strings.Contains(br.Error, "broken.json") {
@@ -646,6 +661,8 @@ func TestRestore(t *testing.T) {
 	}
 
 	// A device whose files vanished is failed, reported, and not fatal.
+	// Its state file is of the old kind, with a relative path: it is read
+	// back resolved against the recorded directory.
 	os.WriteFile(filepath.Join(state, "gone.json"),
 		[]byte(`{"name":"gone","table":"0 2048 linear b.img 0","dir":"`+dir+`"}`), 0o600)
 	r3 := newTestRegistry(t, nil)
@@ -656,10 +673,19 @@ func TestRestore(t *testing.T) {
 	if err := r3.restore(ctx); err != nil {
 		t.Fatal(err)
 	}
+	var gone *Device
 	for _, d := range r3.list() {
-		if d.Name == "gone" && (d.State != StateFailed || !strings.HasPrefix(d.Error, "Device lookup failed")) {
-			t.Errorf("gone: %+v", d)
+		if d.Name == "gone" {
+			gone = &d
 		}
+	}
+	bImg := filepath.Join(dir, "b.img")
+	if gone == nil {
+		t.Fatal("gone not restored")
+	}
+	if gone.State != StateFailed || !strings.HasPrefix(gone.Error, "Device lookup failed") ||
+		!strings.Contains(gone.Error, bImg) || gone.Table != "0 2048 linear "+bImg+" 0" {
+		t.Errorf("gone: %+v", *gone)
 	}
 }
 

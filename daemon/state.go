@@ -17,8 +17,8 @@ const stateExt = ".json"
 // stateRecord is one device's state file: enough to rebuild its live table.
 type stateRecord struct {
 	Name string `json:"name"`
-	// Table is the canonical table line (target.Table.String), relative
-	// paths kept as the user wrote them.
+	// Table is the canonical table line (target.Table.String) with its
+	// relative paths resolved against Dir (target.Resolve).
 	Table string `json:"table"`
 	// Dir resolves the table's relative paths: the CLI's working directory.
 	Dir     string    `json:"dir"`

@@ -107,10 +107,10 @@ func CloneMetadataPath(t Table, env Env) (string, bool) {
 	return filepath.Clean(env.Path(t.Args[0])), true
 }
 
-// Resolve returns t with its path arguments made absolute against dir (the
-// directory the user ran the CLI in): a clone's metadata, destination and a
-// local source, a linear target's device. URIs and other arguments are
-// unchanged.
+// Resolve returns t with its relative path arguments made absolute against
+// dir (the directory the user ran the CLI in): a clone's metadata,
+// destination and a local source, a linear target's device. Absolute paths,
+// URIs and other arguments are unchanged.
 func Resolve(t Table, dir string) Table {
 	var paths []int
 	switch t.Type {
@@ -121,12 +121,10 @@ func Resolve(t Table, dir string) Table {
 	}
 	args := append([]string(nil), t.Args...)
 	for _, i := range paths {
-		if i < len(args) && !isURI(args[i]) {
-			p := args[i]
-			if !filepath.IsAbs(p) && dir != "" {
-				p = filepath.Join(dir, p)
-			}
-			args[i] = filepath.Clean(p)
+		// An absolute path is kept as written: cleaning "a/link/../b"
+		// lexically could name another file than the kernel would open.
+		if i < len(args) && !isURI(args[i]) && !filepath.IsAbs(args[i]) && dir != "" {
+			args[i] = filepath.Join(dir, args[i])
 		}
 	}
 	t.Args = args

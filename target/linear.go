@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"sync"
 
 	"github.com/nbdclone/nbdclone/blockdev"
@@ -109,8 +108,10 @@ func (l *linear) Cache(_ context.Context, off, n int64) error { return l.check(o
 // Status: dm-linear prints nothing for INFO.
 func (l *linear) Status() string { return "" }
 
-// Table is the constructor arguments, verbatim.
-func (l *linear) Table() string { return strings.Join(l.table.Args, " ") }
+// Table is dm-linear's: the device and the offset as a number.
+func (l *linear) Table() string {
+	return l.table.Args[0] + " " + strconv.FormatInt(l.offset/SectorSize, 10)
+}
 
 func (l *linear) Message(context.Context, []string) error {
 	return dmErr("Unsupported message", nil)

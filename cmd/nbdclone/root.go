@@ -410,9 +410,12 @@ func (c *cli) tableCmd() *cobra.Command {
 		Use:   "table [NAME]",
 		Short: "Print the table of one device or of every device",
 		Long: `Print the live table of device NAME as dmsetup table does: "0 <len> <type>"
-and the constructor arguments as loaded (paths resolved; messages do not
-change it). With --inactive, the loaded table not yet resumed (nothing if
-none). Without NAME, one line per device: "NAME: <table>".`,
+and the constructor arguments as given, except that paths are shown absolute
+and cleaned (a clone's <metadata>, <destination> and <source>, a linear
+table's <device>): relative ones are resolved against the directory the table
+was given in. Messages do not change the table. With --inactive, the loaded
+table not yet resumed (nothing if none). Without NAME, one line per device:
+"NAME: <table>".`,
 		Example: `  nbdclone table clone
   nbdclone table --inactive clone`,
 		Args: args(0, 1, "at most one NAME"),

@@ -81,7 +81,10 @@ type Daemon struct {
 
 	cmd    *exec.Cmd
 	log    *lockedBuffer
-	exited chan error
+	exited chan error // holds the exit error once the process ended
+	// reaped: Stop or Kill saw this process end. Only the test goroutine
+	// touches it; cmd.ProcessState belongs to the goroutine in Wait.
+	reaped bool
 }
 
 // Serve starts a daemon and waits until its control socket answers.
@@ -113,6 +116,7 @@ func (d *Daemon) Start() {
 	t.Helper()
 	d.log = &lockedBuffer{}
 	d.exited = make(chan error, 1)
+	d.reaped = false
 	args := append([]string{"serve", "--control", d.Control, "--listen", "unix:" + d.NBD, "--state", d.State, "--log-level", "debug"}, d.ExtraArgs...)
 	d.cmd = exec.Command(d.Bin, args...)
 	d.cmd.Env = Env()
@@ -142,10 +146,19 @@ func (d *Daemon) Start() {
 	}
 }
 
-// Stop sends SIGTERM and expects a clean exit. Idempotent.
+// Stop sends SIGTERM and expects a clean exit; a daemon that had already
+// exited by itself (a crash) is an error. Idempotent.
 func (d *Daemon) Stop() {
-	if d.cmd == nil || d.cmd.ProcessState != nil {
+	if d.cmd == nil || d.reaped {
 		return
+	}
+	d.reaped = true
+	select {
+	case err := <-d.exited:
+		d.exited <- err
+		d.T.Errorf("serve exited by itself before SIGTERM: %v", err)
+		return
+	default:
 	}
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -162,9 +175,10 @@ func (d *Daemon) Stop() {
 
 // Kill kills the daemon with SIGKILL (a crash) and waits for it.
 func (d *Daemon) Kill() {
-	if d.cmd == nil || d.cmd.ProcessState != nil {
+	if d.cmd == nil || d.reaped {
 		return
 	}
+	d.reaped = true
 	d.cmd.Process.Kill()
 	err := <-d.exited
 	d.exited <- err
