@@ -288,7 +288,7 @@ func (s *Store) CheckSpace() error {
 		return nil
 	}
 	if err := s.checkSpaceLocked(0); err != nil {
-		return s.failedLocked("space check", err)
+		return s.failedLocked("space check", err, false)
 	}
 	return nil
 }
@@ -610,13 +610,13 @@ func (s *Store) Commit(dest Syncer) error {
 		size += len(e.Key) + len(e.Value)
 	}
 	if err := s.checkSpaceLocked(size); err != nil {
-		return s.failedLocked("commit", err)
+		return s.failedLocked("commit", err, false)
 	}
 	if err := dest.Sync(); err != nil {
-		return s.failedLocked("destination flush", err)
+		return s.failedLocked("destination flush", err, true)
 	}
 	if err := s.kv.Put(entries); err != nil {
-		return s.failedLocked("commit", err)
+		return s.failedLocked("commit", err, false)
 	}
 	for _, c := range newChunks {
 		s.persisted[c] = true
@@ -645,19 +645,33 @@ func (s *Store) releaseIfDone() {
 	s.log.Info("every region hydrated and committed: in-core bitmap released", "regions", s.nrRegions)
 }
 
-// failedLocked handles a failed commit as dm-clone does: abort the
-// transaction, switch to ro, reload the committed bitmap; Fail if that
-// reload fails.
-func (s *Store) failedLocked(op string, cause error) error {
+// failedLocked handles a failed commit: the transaction is aborted and the
+// store goes ro (Fail if it cannot even be read). What happens to the bits
+// of the aborted transaction depends on what failed:
+//   - the destination flush (destFailed): as dm-clone, the committed bitmap
+//     is reloaded, since the destination may not hold what those bits
+//     promise; those regions read from the source again;
+//   - the metadata write or the space check: the destination holds the
+//     data, so the in-core bitmap is kept and reads still see every
+//     acknowledged write (dm-clone reloads here too, and acknowledged
+//     writes vanish from reads while the device runs). Nothing of it is
+//     persisted: after a restart those regions read from the source, as
+//     after any crash.
+func (s *Store) failedLocked(op string, cause error, destFailed bool) error {
 	s.commitErrors.Add(1)
 	s.log.Error("metadata operation failed; aborting the transaction", "op", op, "err", cause)
 	s.setMode(ModeRO)
-	b, err := s.readBitmap()
-	if err != nil {
-		s.log.Error("failed to reload the on-disk bitmap", "err", err)
+	if destFailed {
+		b, err := s.readBitmap()
+		if err != nil {
+			s.log.Error("failed to reload the on-disk bitmap", "err", err)
+			s.setMode(ModeFail)
+		} else {
+			s.bitmap.Store(b)
+		}
+	} else if _, err := s.kv.Get(keySuperblock); err != nil {
+		s.log.Error("metadata store unreadable", "err", err)
 		s.setMode(ModeFail)
-	} else {
-		s.bitmap.Store(b)
 	}
 	for w := range s.dirty {
 		s.dirty[w].Store(0)

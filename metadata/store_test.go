@@ -13,8 +13,9 @@ import (
 type recorder struct {
 	mu     sync.Mutex
 	events []string
-	// failPut / failScan make the store fail (fault injection).
-	failPut, failScan bool
+	// failPut / failScan / failGet / failSync make the store or the
+	// destination fail (fault injection).
+	failPut, failScan, failGet, failSync bool
 }
 
 func (r *recorder) add(e string) {
@@ -23,7 +24,26 @@ func (r *recorder) add(e string) {
 	r.mu.Unlock()
 }
 
-func (r *recorder) Sync() error { r.add("sync"); return nil }
+func (r *recorder) Sync() error {
+	r.mu.Lock()
+	fail := r.failSync
+	r.mu.Unlock()
+	if fail {
+		return errors.New("injected destination sync failure")
+	}
+	r.add("sync")
+	return nil
+}
+
+func (k recordingKV) Get(key []byte) ([]byte, error) {
+	k.rec.mu.Lock()
+	fail := k.rec.failGet
+	k.rec.mu.Unlock()
+	if fail {
+		return nil, errors.New("injected get failure")
+	}
+	return k.KV.Get(key)
+}
 
 type recordingKV struct {
 	KV
@@ -198,14 +218,51 @@ func TestCommitFailureGoesReadOnly(t *testing.T) {
 	if s.Mode() != ModeRO {
 		t.Fatalf("mode = %v, want ro", s.Mode())
 	}
-	if !s.IsHydrated(1) || s.IsHydrated(2) {
-		t.Fatal("abort must reload the committed bitmap: 1 hydrated, 2 not")
+	// The destination holds region 2's data: the in-core bit stays, so
+	// reads keep seeing acknowledged writes.
+	if !s.IsHydrated(1) || !s.IsHydrated(2) {
+		t.Fatal("a failed metadata write must keep the in-core bitmap")
 	}
 	if err := s.SetHydrated(3); !errors.Is(err, ErrReadOnly) {
 		t.Fatalf("SetHydrated in ro = %v, want ErrReadOnly", err)
 	}
 	if s.Changed() {
 		t.Fatal("ro store reports changes")
+	}
+	// Nothing of the aborted transaction was persisted.
+	s.Close()
+	s2, err := Open(testOptions(dir, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if !s2.IsHydrated(1) || s2.IsHydrated(2) {
+		t.Fatal("after reopen: want 1 committed, 2 not")
+	}
+}
+
+// TestDestinationFlushFailureReloads: when the destination flush fails, the
+// destination may not hold what the new bits promise: as dm-clone, the
+// committed bitmap is reloaded and those regions read from the source.
+func TestDestinationFlushFailureReloads(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	rec := &recorder{}
+	s, err := Open(testOptions(dir, rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.SetHydrated(1)
+	if err := s.Commit(rec); err != nil {
+		t.Fatal(err)
+	}
+	s.SetHydrated(2)
+	rec.failSync = true
+	if err := s.Commit(rec); err == nil {
+		t.Fatal("commit with a failing destination succeeded")
+	}
+	if s.Mode() != ModeRO || !s.IsHydrated(1) || s.IsHydrated(2) {
+		t.Fatalf("mode %v, 1 hydrated %v, 2 hydrated %v: want ro, true, false", s.Mode(), s.IsHydrated(1), s.IsHydrated(2))
 	}
 }
 
@@ -218,7 +275,7 @@ func TestCommitAndReloadFailureGoesFail(t *testing.T) {
 	}
 	defer s.Close()
 	s.SetHydrated(2)
-	rec.failPut, rec.failScan = true, true
+	rec.failPut, rec.failGet = true, true
 	if err := s.Commit(rec); err == nil {
 		t.Fatal("commit succeeded")
 	}
@@ -342,8 +399,8 @@ func TestFullFilesystemGoesReadOnlyAndReleasesReserve(t *testing.T) {
 	if len(rec.events) != 0 {
 		t.Fatal("a refused commit still synced or wrote")
 	}
-	if s.Mode() != ModeRO || !s.IsHydrated(1) || s.IsHydrated(2) {
-		t.Fatalf("mode %v; want ro with the committed bitmap", s.Mode())
+	if s.Mode() != ModeRO || !s.IsHydrated(1) || !s.IsHydrated(2) {
+		t.Fatalf("mode %v; want ro, the in-core bitmap kept (the destination holds the data)", s.Mode())
 	}
 	if _, err := os.Stat(reserve); !os.IsNotExist(err) {
 		t.Fatal("the reserve was not released")

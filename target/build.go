@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nbdclone/nbdclone/blockdev"
+	"github.com/nbdclone/nbdclone/metadata"
 )
 
 // Env is what a target needs from the daemon to be built.
@@ -27,6 +28,9 @@ type Env struct {
 	// Sweep tunes background hydration beyond dm-clone's knobs (error
 	// bound, backoff, progress under load); zero values mean defaults.
 	Sweep SweepTuning
+	// MetadataKV, if set, wraps a clone's metadata store (fault injection
+	// and crash tests).
+	MetadataKV func(metadata.KV) metadata.KV
 }
 
 // SweepTuning is hydrate.Options' policy part.
