@@ -21,8 +21,18 @@ vet:
 
 # Installs what the tests need, then runs every test with the race detector.
 # Tests needing a tool or root fail (never skip) under CI=true.
-test: deps vet
+test: deps vet fuzz
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
+
+# Fuzzes the NBD server's option and request parsers for a bounded time
+# each (go test -fuzz takes one target at a time); new crashers land in
+# nbdserver/testdata/fuzz and then run in every `go test`, with -race.
+# Fuzzing itself runs without -race: it would make ~1000 times fewer inputs.
+FUZZTIME ?= 10s
+.PHONY: fuzz
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzNegotiate$$' -fuzztime $(FUZZTIME) ./nbdserver
+	$(GO) test -run '^$$' -fuzz '^FuzzRequests$$' -fuzztime $(FUZZTIME) ./nbdserver
 
 # Runs the main job end to end on a sample ext4 image it makes itself.
 demo: deps build
@@ -31,6 +41,11 @@ demo: deps build
 # Benchmarks against dd and nbdkit; prints a markdown table.
 bench: deps build
 	./scripts/bench.sh $(BIN)
+
+# The /dev/nbdX test in a TCG guest (scripts/vm); also part of `make test`.
+.PHONY: vm-test
+vm-test: deps
+	$(GO) test -race -count=1 -timeout 15m -run '^TestVM$$' -v ./test/
 
 clean:
 	rm -rf bin

@@ -1,5 +1,7 @@
 // Package blockdev opens the devices a table names: local regular files and
-// block devices, behind one small interface (ReadAt, WriteAt, Size, Sync,
+// block devices, NBD exports (nbd://, nbds://, nbd+unix://, nbds+unix://)
+// and http(s) objects read with Range requests (clone sources), behind one
+// small interface (ReadAt, WriteAt, Size, Sync,
 // Discard, WriteZeroes), so they can be wrapped by fault injectors and
 // counters in tests.
 //
@@ -15,4 +17,18 @@
 //     it can, with zero buffers where it can't.
 //   - Sync is fdatasync: everything written before it is durable after it.
 //   - Close is idempotent; calls after Close return ErrClosed.
+//   - Remote sources (NBD, http) never write and only read: NBD is used
+//     read-only (no write command is ever sent), http only with HEAD and
+//     GET. A read either fills its buffer with the source's bytes or
+//     fails: structured NBD replies must cover the request exactly once, a
+//     Range reply must be exactly the range asked, of the pinned object.
+//   - No remote call outlives its bounds: each attempt has its timeout
+//     (connect, request), each call its RetryPolicy.Timeout; transient
+//     failures are retried with exponential backoff and jitter, permanent
+//     ones (bad requests, a changed object) fail at once. A request that
+//     times out or is abandoned drops its NBD connection, and the call
+//     returns only once no late reply can land in the caller's buffer.
+//   - An http(s) source is pinned at open (ETag, or Last-Modified and
+//     size): every read asks for that version and checks the reply's
+//     validators; a changed object is ErrSourceChanged, never its bytes.
 package blockdev

@@ -1,16 +1,21 @@
 package daemon
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/nbdclone/nbdclone/nbdserver"
 )
 
 // Defaults.
@@ -51,6 +56,80 @@ type Config struct {
 	// ShutdownTimeout bounds the drain of each device at shutdown. Default
 	// DefaultSuspendTimeout.
 	ShutdownTimeout time.Duration
+	// OnEvent is a shell command run for each daemon event (autolinear.go),
+	// with NBDCLONE_EVENT, NBDCLONE_DEVICE, NBDCLONE_NBD, NBDCLONE_TABLE
+	// and NBDCLONE_DETAIL in its environment. "" runs nothing.
+	OnEvent string
+	// TLS is TLS for NBD clients on every NBD listener.
+	TLS TLSConfig
+}
+
+// TLSConfig is TLS for NBD clients (NBD_OPT_STARTTLS).
+type TLSConfig struct {
+	// Mode is "off" (the default: STARTTLS is refused), "on" (offered,
+	// not required) or "require" (until a client has started TLS, every
+	// option but STARTTLS and ABORT is refused, so nothing is listed).
+	Mode string
+	// Cert and Key are PEM files: the server certificate (with its chain)
+	// and its private key. Required unless Mode is off.
+	Cert, Key string
+	// CA is a PEM file of the CA certificates client certificates must
+	// chain to. Required with VerifyPeer, used only with it.
+	CA string
+	// VerifyPeer requires every client to present a certificate signed by
+	// CA; a client without one fails the TLS handshake.
+	VerifyPeer bool
+}
+
+func (t TLSConfig) validate() []error {
+	var errs []error
+	mode, err := nbdserver.ParseTLSMode(t.Mode)
+	if err != nil {
+		return []error{fmt.Errorf("tls: mode %q: want off, on or require", t.Mode)}
+	}
+	if mode == nbdserver.TLSOff {
+		if t.Cert != "" || t.Key != "" || t.CA != "" || t.VerifyPeer {
+			errs = append(errs, errors.New("tls: certificates or peer verification given with TLS off (use --tls on or --tls require)"))
+		}
+		return errs
+	}
+	if t.Cert == "" || t.Key == "" {
+		errs = append(errs, fmt.Errorf("tls: mode %s needs a server certificate and key (--tls-cert, --tls-key)", t.Mode))
+	}
+	if t.VerifyPeer && t.CA == "" {
+		errs = append(errs, errors.New("tls: peer verification needs the CA that signs client certificates (--tls-ca)"))
+	}
+	if t.CA != "" && !t.VerifyPeer {
+		errs = append(errs, errors.New("tls: --tls-ca is only used with --tls-verify-peer"))
+	}
+	return errs
+}
+
+// server loads the files and returns the NBD server's TLS mode and
+// configuration (nil when off).
+func (t TLSConfig) server() (nbdserver.TLSMode, *tls.Config, error) {
+	mode, err := nbdserver.ParseTLSMode(t.Mode)
+	if err != nil || mode == nbdserver.TLSOff {
+		return mode, nil, err
+	}
+	cert, err := tls.LoadX509KeyPair(t.Cert, t.Key)
+	if err != nil {
+		return mode, nil, newErr(ErrInvalid, "tls: server certificate %s and key %s: %v", t.Cert, t.Key, err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if t.VerifyPeer {
+		pem, err := os.ReadFile(t.CA)
+		if err != nil {
+			return mode, nil, newErr(ErrInvalid, "tls: CA: %v", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return mode, nil, newErr(ErrInvalid, "tls: CA %s holds no PEM certificate", t.CA)
+		}
+		cfg.ClientCAs = pool
+		cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return mode, cfg, nil
 }
 
 // WithDefaults returns c with every zero field set to its default.
@@ -81,6 +160,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = DefaultSuspendTimeout
+	}
+	if c.TLS.Mode == "" {
+		c.TLS.Mode = nbdserver.TLSOff.String()
 	}
 	return c
 }
@@ -136,6 +218,7 @@ func (c Config) Validate() error {
 	if c.ShutdownTimeout < 0 {
 		errs = append(errs, errors.New("negative shutdown timeout"))
 	}
+	errs = append(errs, c.TLS.validate()...)
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("%w: config: %w", ErrInvalid, err)
 	}

@@ -22,6 +22,8 @@ type (
 	loadRequest struct {
 		Table string `json:"table"`
 		Dir   string `json:"dir"`
+		// Force loads a linear table over a clone not fully hydrated.
+		Force bool `json:"force,omitempty"`
 	}
 	suspendRequest struct {
 		// TimeoutMillis bounds the drain of in-flight I/O; 0 is the
@@ -67,7 +69,7 @@ var errorKinds = []struct {
 //	POST   /v1/devices                      create {name, table, dir}: 201 Device
 //	GET    /v1/devices/{name}               Device
 //	DELETE /v1/devices/{name}[?force=1]     remove: 204
-//	POST   /v1/devices/{name}/load          {table, dir}: 204
+//	POST   /v1/devices/{name}/load          {table, dir, force}: 204
 //	POST   /v1/devices/{name}/suspend       {timeout_ms}: 204
 //	POST   /v1/devices/{name}/resume        204
 //	POST   /v1/devices/{name}/message       {sector, args}: 204
@@ -75,6 +77,9 @@ var errorKinds = []struct {
 //	GET    /v1/devices/{name}/status?format=json   DeviceStatus (no metadata commit)
 //	GET    /v1/devices/{name}/table[?inactive=1]   the dm table line (text/plain)
 //	POST   /v1/devices/{name}/wait          long poll until hydrated: target.Info
+//	POST   /v1/devices/{name}/attach        {device, connections, ...}: Attachment
+//	GET    /v1/attachments                  []Attachment
+//	POST   /v1/detach                       {device, force}: 204
 func (d *Daemon) controlHandler() http.Handler {
 	r := d.reg
 	mux := http.NewServeMux()
@@ -114,7 +119,7 @@ func (d *Daemon) controlHandler() http.Handler {
 		if !d.decode(w, req, &body) {
 			return
 		}
-		d.reply(w, req, r.load(req.Context(), req.PathValue("name"), body.Table, body.Dir))
+		d.reply(w, req, r.loadForce(req.Context(), req.PathValue("name"), body.Table, body.Dir, body.Force))
 	})
 	mux.HandleFunc("POST /v1/devices/{name}/suspend", func(w http.ResponseWriter, req *http.Request) {
 		var body suspendRequest
@@ -169,6 +174,7 @@ func (d *Daemon) controlHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, info)
 	})
+	d.attachRoutes(mux)
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
 		writeJSON(w, http.StatusNotFound, errorResponse{Error: "no such control API route: " + req.Method + " " + req.URL.Path, Kind: "not_found"})
 	})

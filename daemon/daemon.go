@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,6 +28,9 @@ type Daemon struct {
 	reg       *registry
 	srv       *nbdserver.Server
 	collector *collector
+	att       *attacher   // /dev/nbdX attachments (attach.go)
+	auto      *autoLinear // events and auto_linear swaps (autolinear.go)
+	events    *eventRunner
 
 	ready chan struct{} // closed once every listener is up and devices are restored
 	done  chan struct{} // closed when Run returns
@@ -53,15 +57,24 @@ func New(cfg Config) (*Daemon, error) {
 		ready: make(chan struct{}),
 		done:  make(chan struct{}),
 	}
+	tlsMode, tlsConfig, err := cfg.TLS.server()
+	if err != nil {
+		return nil, err
+	}
 	d.reg = newRegistry(cfg.Logger, stateDir{dir: cfg.StateDir}, target.Build)
 	d.reg.uris = d.uris
-	srv, err := nbdserver.NewServer(d.reg, nbdserver.Options{Logger: cfg.Logger.With("component", "nbd")})
+	srv, err := nbdserver.NewServer(d.reg, nbdserver.Options{
+		Logger:    cfg.Logger.With("component", "nbd"),
+		TLS:       tlsMode,
+		TLSConfig: tlsConfig,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("%w: nbd server: %w", ErrInternal, err)
 	}
 	d.srv = srv
 	d.reg.disconnect = srv.Disconnect
 	d.collector = newCollector(d.reg)
+	d.hookUp()
 	return d, nil
 }
 
@@ -94,7 +107,12 @@ func (d *Daemon) uris(name string) []string {
 	defer d.mu.Unlock()
 	out := make([]string, 0, len(d.nbdAddrs))
 	for _, a := range d.nbdAddrs {
-		out = append(out, exportURI(a, name))
+		uri := exportURI(a, name)
+		if d.cfg.TLS.Mode == nbdserver.TLSRequire.String() {
+			// The nbds schemes make clients start TLS.
+			uri = "nbds" + strings.TrimPrefix(uri, "nbd")
+		}
+		out = append(out, uri)
 	}
 	return out
 }
@@ -256,6 +274,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 			}
 		})
 	}
+	d.startHooks(ctx, nbdCtx)
 	close(d.ready)
 	logArgs := []any{"control", d.cfg.Control, "listen", d.NBDAddrs(), "state", d.cfg.StateDir, "devices", len(d.reg.all())}
 	if a := d.MetricsAddr(); a != nil {

@@ -220,16 +220,30 @@ func (d *device) ioTarget() (target.Target, error) {
 	return d.live.t, nil
 }
 
-// Device implements nbdserver.Export by forwarding to the live target
-// through the gate.
-var _ nbdserver.Export = (*device)(nil)
+// Device implements nbdserver.Export (and Extenter) by forwarding to the
+// live target through the gate.
+var (
+	_ nbdserver.Export   = (*device)(nil)
+	_ nbdserver.Extenter = (*device)(nil)
+)
+
+// ContextHydrated is nbdclone's own metadata context: one flag per extent,
+// StateHydrated when every region of it is hydrated (read from the
+// destination), clear when none is (read from the source). A linear device
+// is all hydrated.
+const (
+	ContextHydrated = "nbdclone:hydrated"
+	StateHydrated   = uint32(1 << 0)
+)
 
 func (d *device) Size() int64 { return d.size }
 
 // Flags: targets implement every command, and a flush syncs the whole
-// device, so multi-conn is safe.
+// device, so multi-conn is safe. Fast zeroes are offered when the live
+// target's device zeroes natively; each such request is still checked (a
+// partly covered unhydrated region needs a copy, which is not fast).
 func (d *device) Flags() nbdserver.ExportFlags {
-	return nbdserver.ExportFlags{
+	f := nbdserver.ExportFlags{
 		Flush:     true,
 		FUA:       true,
 		Trim:      true,
@@ -237,6 +251,13 @@ func (d *device) Flags() nbdserver.ExportFlags {
 		Cache:     true,
 		MultiConn: true,
 	}
+	if h := d.tryAcquire(); h != nil {
+		if fz, ok := h.t.(target.FastZeroer); ok {
+			f.FastZero = fz.ZeroesFast(0, h.t.Size())
+		}
+		h.release()
+	}
+	return f
 }
 
 // PreferredBlockSize is the clone region size: I/O that covers whole regions
@@ -279,14 +300,73 @@ func (d *device) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	return d.do(ctx, func(t target.Target) error { return t.WriteAt(ctx, p, off, fua) })
 }
 
+// WriteZeroes: noHole is always honoured, because a target's WriteZeroes
+// is not a discard and never deallocates (FALLOC_FL_ZERO_RANGE keeps
+// blocks allocated, BLKZEROOUT does not unmap). A fast zero is done only
+// when the target says it is fast now, and fails with ENOTSUP at once
+// otherwise, touching nothing, so the client can fall back.
 func (d *device) WriteZeroes(ctx context.Context, off, n int64, fua, noHole, fastZero bool) error {
-	if fastZero {
-		// Not advertised: a target cannot promise that zeroing is fast.
-		return fmt.Errorf("daemon: fast zero: %w", syscall.ENOTSUP)
-	}
-	// noHole is always honoured: a target's WriteZeroes is not a discard
-	// and never deallocates.
-	return d.do(ctx, func(t target.Target) error { return t.WriteZeroes(ctx, off, n, fua) })
+	return d.do(ctx, func(t target.Target) error {
+		if fastZero {
+			fz, ok := t.(target.FastZeroer)
+			if !ok || !fz.ZeroesFast(off, n) {
+				return fmt.Errorf("daemon: zeroing %d+%d is not fast here: %w", off, n, nbdserver.ErrNotSupported)
+			}
+		}
+		return t.WriteZeroes(ctx, off, n, fua)
+	})
+}
+
+// MetaContexts: every target type can describe itself.
+func (d *device) MetaContexts() []string {
+	return []string{nbdserver.ContextBaseAllocation, ContextHydrated}
+}
+
+// Extents asks the live target, through the gate like any I/O (a swap
+// never answers half from each table). A target that cannot describe
+// itself answers status 0 for the whole range, which is always true.
+func (d *device) Extents(ctx context.Context, metaContext string, off, n int64, maxExtents int) ([]nbdserver.Extent, error) {
+	var out []nbdserver.Extent
+	err := d.do(ctx, func(t target.Target) error {
+		te, ok := t.(target.Extenter)
+		if !ok {
+			out = []nbdserver.Extent{{Length: n}}
+			return nil
+		}
+		switch metaContext {
+		case nbdserver.ContextBaseAllocation:
+			extents, err := te.Allocation(ctx, off, n, maxExtents)
+			if err != nil {
+				return err
+			}
+			out = make([]nbdserver.Extent, len(extents))
+			for i, e := range extents {
+				out[i].Length = e.Length
+				if e.Hole {
+					out[i].Flags |= nbdserver.StateHole
+				}
+				if e.Zero {
+					out[i].Flags |= nbdserver.StateZero
+				}
+			}
+		case ContextHydrated:
+			extents, err := te.Hydration(ctx, off, n, maxExtents)
+			if err != nil {
+				return err
+			}
+			out = make([]nbdserver.Extent, len(extents))
+			for i, e := range extents {
+				out[i].Length = e.Length
+				if e.Hydrated {
+					out[i].Flags = StateHydrated
+				}
+			}
+		default:
+			return fmt.Errorf("daemon: unknown metadata context %q: %w", metaContext, syscall.EINVAL)
+		}
+		return nil
+	})
+	return out, err
 }
 
 func (d *device) Trim(ctx context.Context, off, n int64, fua bool) error {

@@ -3,6 +3,7 @@ package daemon
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/nbdclone/nbdclone/blockdev"
 	"github.com/nbdclone/nbdclone/target"
 )
 
@@ -35,6 +36,20 @@ func cloneMetric(name, help string, kind prometheus.ValueType, value func(*targe
 	}
 }
 
+// remoteMetric is a counter of a clone's remote source (absent for local
+// sources).
+func remoteMetric(name, help string, value func(*blockdev.RemoteStats) float64) metric {
+	return metric{
+		desc: prometheus.NewDesc(name, help, []string{"device"}, nil),
+		kind: prometheus.CounterValue,
+		collect: func(s deviceSample, emit func(float64, ...string)) {
+			if s.info != nil && s.info.Clone != nil && s.info.Clone.Remote != nil {
+				emit(value(s.info.Clone.Remote))
+			}
+		},
+	}
+}
+
 // hydratedCauses are the cause label values of nbdclone_hydrated_bytes_total.
 var hydratedCauses = []struct {
 	cause string
@@ -45,6 +60,8 @@ var hydratedCauses = []struct {
 	{"overwrite", func(s *target.CloneStats) int64 { return s.HydratedOverwriteBytes }},
 	{"discard", func(s *target.CloneStats) int64 { return s.HydratedDiscardBytes }},
 	{"zero", func(s *target.CloneStats) int64 { return s.HydratedZeroBytes }},
+	{"cache", func(s *target.CloneStats) int64 { return s.HydratedCacheBytes }},
+	{"hint", func(s *target.CloneStats) int64 { return s.HydratedHintBytes }},
 }
 
 var metadataModes = []string{"rw", "ro", "Fail"}
@@ -64,10 +81,24 @@ func metricFamilies() []metric {
 			prometheus.CounterValue, func(c *target.CloneInfo) float64 { return float64(c.Stats.Commits) }),
 		cloneMetric("nbdclone_copy_errors_total", "Failed region copies since the table was loaded.",
 			prometheus.CounterValue, func(c *target.CloneInfo) float64 { return float64(c.Stats.CopyErrors) }),
+		cloneMetric("nbdclone_source_hole_bytes_total", "Bytes hydrated by zeroing the destination because the source reported them as holes (nothing transferred).",
+			prometheus.CounterValue, func(c *target.CloneInfo) float64 { return float64(c.Stats.SourceHoleBytes) }),
+		cloneMetric("nbdclone_source_copy_bytes_total", "Bytes read from the source by copies.",
+			prometheus.CounterValue, func(c *target.CloneInfo) float64 { return float64(c.Stats.SourceCopyBytes) }),
+		cloneMetric("nbdclone_hydration_stopped", "1 when background hydration stopped by itself on errors (status -o json says why) until enable_hydration or retry_hydration, else 0.",
+			prometheus.GaugeValue, func(c *target.CloneInfo) float64 { return boolFloat(c.HydrationStopped != "") }),
+		cloneMetric("nbdclone_hydration_rate_bytes", "The hydration_rate throttle in bytes per second; 0 is no limit.",
+			prometheus.GaugeValue, func(c *target.CloneInfo) float64 { return float64(c.HydrationRate) }),
+		remoteMetric("nbdclone_source_retries_total", "Remote source requests that failed and were retried.",
+			func(r *blockdev.RemoteStats) float64 { return float64(r.Retries) }),
+		remoteMetric("nbdclone_source_reconnects_total", "Remote source connections re-established after a drop.",
+			func(r *blockdev.RemoteStats) float64 { return float64(r.Reconnects) }),
+		remoteMetric("nbdclone_source_failures_total", "Remote source calls that failed after their retries.",
+			func(r *blockdev.RemoteStats) float64 { return float64(r.Failures) }),
 		{
 			desc: prometheus.NewDesc("nbdclone_hydrated_bytes_total",
 				"Bytes made hydrated since the table was loaded, by cause: background copy, copy before a partial write, "+
-					"whole-region overwrite, discard or zeroing (the last three copy nothing).",
+					"whole-region overwrite, discard or zeroing (these three copy nothing), NBD_CMD_CACHE, or a read's hint.",
 				[]string{"device", "cause"}, nil),
 			kind: prometheus.CounterValue,
 			collect: func(s deviceSample, emit func(float64, ...string)) {

@@ -41,6 +41,9 @@ type Device struct {
 	Connections int       `json:"connections"`
 	URIs        []string  `json:"uris"`
 	Created     time.Time `json:"created"`
+
+	// Attached is the /dev/nbdX the device is attached to, if any.
+	Attached string `json:"attached,omitempty"`
 }
 
 // DeviceStatus is the JSON status of a device: Device plus the live
@@ -67,8 +70,10 @@ type registry struct {
 	// uris lists a device's export URIs; nil lists none.
 	uris func(name string) []string
 	// openSource opens clone sources (target.Env.OpenSource); nil is
-	// local files and block devices.
+	// local files and block devices only.
 	openSource func(ctx context.Context, spec string) (blockdev.Reader, error)
+	// hooks are the daemon's extensions (hooks.go); zero in unit tests.
+	hooks registryHooks
 
 	mu sync.Mutex
 	// Guarded by mu. Lock order: registry.mu before device.mu.
@@ -84,6 +89,10 @@ func newRegistry(log *slog.Logger, state stateDir, build buildFunc) *registry {
 		now:            time.Now,
 		suspendTimeout: DefaultSuspendTimeout,
 		devices:        map[string]*device{},
+		// Clone sources: paths, nbd[s][+unix]:// URIs, http(s):// URLs.
+		openSource: func(ctx context.Context, spec string) (blockdev.Reader, error) {
+			return blockdev.OpenSource(ctx, spec, blockdev.SourceOptions{Logger: log})
+		},
 	}
 }
 
@@ -234,6 +243,7 @@ func (r *registry) create(ctx context.Context, name, line, dir string) (err erro
 	d.ready = true
 	d.mu.Unlock()
 	d.log.Info("device created", "table", tbl.String(), "dir", dir)
+	r.tableLive(d)
 	return nil
 }
 
@@ -274,6 +284,12 @@ func (r *registry) retire(ctx context.Context, d *device, h *handle) error {
 // load is dmsetup load: the table becomes the inactive table, swapped in by
 // the next resume.
 func (r *registry) load(ctx context.Context, name, line, dir string) error {
+	return r.loadForce(ctx, name, line, dir, false)
+}
+
+// loadForce is load; without force, a linear table over a clone that is
+// not fully hydrated is refused (checkLinearLoad).
+func (r *registry) loadForce(ctx context.Context, name, line, dir string, force bool) error {
 	d, err := r.get(name)
 	if err != nil {
 		return err
@@ -291,6 +307,9 @@ func (r *registry) load(ctx context.Context, name, line, dir string) error {
 		return err
 	}
 	defer unlock()
+	if err := checkLinearLoad(d, tbl, force); err != nil {
+		return err
+	}
 
 	env := r.env(name, dir)
 	deferred := false
@@ -497,6 +516,7 @@ func (r *registry) swapOpsHeld(ctx context.Context, d *device, in *loaded) error
 		r.retire(context.WithoutCancel(ctx), d, old)
 	}
 	d.log.Info("table swapped", "table", nh.table.String(), "dir", nh.dir)
+	r.tableLive(d)
 	if err := r.state.save(recordOf(d, nh)); err != nil {
 		d.log.Error("saving state after a table swap", "err", err)
 		return wrapErr(ErrInternal, err, "the new table of %s is live but was not saved", d.name)
@@ -539,6 +559,7 @@ func (r *registry) restoreOpsHeld(ctx context.Context, d *device, old *handle, c
 	d.setSuspended(false)
 	d.gate.open()
 	d.log.Info("old table restored", "table", old.table.String())
+	r.tableLive(d)
 	return cause
 }
 
@@ -666,6 +687,9 @@ func (r *registry) summary(d *device) Device {
 		s.InactiveTable = d.inactive.table.String()
 	}
 	d.mu.Unlock()
+	if r.hooks.attached != nil {
+		s.Attached = r.hooks.attached(d.name)
+	}
 	s.URIs = []string{}
 	if r.uris != nil {
 		s.URIs = r.uris(d.name)
@@ -708,6 +732,12 @@ func (r *registry) remove(ctx context.Context, name string, force bool) error {
 	d, err := r.get(name)
 	if err != nil {
 		return err
+	}
+	if r.hooks.removing != nil {
+		// Attached to /dev/nbdX: refused, or detached first when forced.
+		if err := r.hooks.removing(ctx, name, force); err != nil {
+			return err
+		}
 	}
 	unlock, err := d.lockOps(ctx)
 	if err != nil {
@@ -778,6 +808,7 @@ func (r *registry) wait(ctx context.Context, name string) (target.Info, error) {
 	}
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	var settled <-chan struct{} // an auto_linear swap under way
 	for {
 		h, err := d.acquire(ctx)
 		if err != nil {
@@ -788,7 +819,28 @@ func (r *registry) wait(ctx context.Context, name string) (target.Info, error) {
 		info := h.t.Info()
 		h.release()
 		switch c := info.Clone; {
+		case c != nil && c.Hydrated && c.AutoLinear && r.hooks.autoLinearPending != nil:
+			// auto_linear: done once the daemon swapped it to linear.
+			var swapErr error
+			if settled, swapErr = r.hooks.autoLinearPending(d); swapErr != nil {
+				return info, wrapErr(ErrFailed, swapErr, "device %s is hydrated, but its auto_linear swap to linear failed (retrying)", name)
+			}
+			// A nil settled (no watcher yet, or the swap just ended) is
+			// looked at again on the tick.
 		case c == nil || c.Hydrated:
+			if settled == nil && r.hooks.autoLinearPending != nil {
+				// Already swapped, perhaps still closing the clone.
+				settled, _ = r.hooks.autoLinearPending(d)
+			}
+			if settled != nil {
+				// Swapped: returns once the clone is closed and the new
+				// table saved.
+				select {
+				case <-settled:
+				case <-ctx.Done():
+					return target.Info{}, ctx.Err()
+				}
+			}
 			return info, nil
 		case c.Mode == "Fail":
 			return info, newErr(ErrFailed, "device %s: metadata is in Fail mode: hydration cannot complete", name)
@@ -798,6 +850,7 @@ func (r *registry) wait(ctx context.Context, name string) (target.Info, error) {
 		select {
 		case <-events:
 		case <-tick.C:
+		case <-settled:
 		case <-d.removed:
 			return target.Info{}, newErr(ErrNotFound, "device %s was removed", name)
 		case <-ctx.Done():
@@ -856,6 +909,7 @@ func (r *registry) restoreOne(ctx context.Context, e stateEntry) {
 	d.mu.Lock()
 	d.ready = true
 	d.mu.Unlock()
+	r.tableLive(d)
 }
 
 // shutdown drains, suspends and closes every device (invariant 7). The

@@ -24,6 +24,10 @@ type fakePlanner struct {
 	fail      bool
 	copyTime  time.Duration
 	claimedAt []time.Time
+	causes    []Cause
+	// failRegion, if set, fails the batches it returns true for.
+	failRegion func(start, count uint64) bool
+	failErr    error // what failRegion's failures return
 }
 
 func newFake(n uint64) *fakePlanner {
@@ -32,10 +36,10 @@ func newFake(n uint64) *fakePlanner {
 
 func (f *fakePlanner) NrRegions() uint64 { return f.n }
 
-func (f *fakePlanner) Claim(from, maxCount uint64) (uint64, uint64) {
+func (f *fakePlanner) Claim(from, limit, maxCount uint64) (uint64, uint64) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for r := from; r < f.n; r++ {
+	for r := from; r < min(limit, f.n); r++ {
 		if f.hydrated[r] || f.locked[r] {
 			continue
 		}
@@ -48,17 +52,34 @@ func (f *fakePlanner) Claim(from, maxCount uint64) (uint64, uint64) {
 		f.maxFlight = max(f.maxFlight, f.inFlight)
 		f.claimedAt = append(f.claimedAt, time.Now())
 		f.batches = append(f.batches, [2]uint64{r, c})
+		f.causes = append(f.causes, -1)
 		return r, c
 	}
 	return 0, 0
 }
 
-func (f *fakePlanner) Hydrate(ctx context.Context, start, count uint64) error {
+func (f *fakePlanner) Hydrate(ctx context.Context, start, count uint64, cause Cause) error {
 	if f.copyTime > 0 {
 		time.Sleep(f.copyTime)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	for i := len(f.batches) - 1; i >= 0; i-- {
+		if f.batches[i][0] == start && f.causes[i] == -1 {
+			f.causes[i] = cause
+			break
+		}
+	}
+	if f.failRegion != nil && f.failRegion(start, count) {
+		for r := start; r < start+count; r++ {
+			f.locked[r] = false
+		}
+		f.inFlight -= count
+		if f.failErr != nil {
+			return f.failErr
+		}
+		return errors.New("injected region failure")
+	}
 	for r := start; r < start+count; r++ {
 		f.locked[r] = false
 		if !f.fail {
@@ -256,7 +277,7 @@ func TestErrorsAreBoundedAndReported(t *testing.T) {
 func TestCopier(t *testing.T) {
 	src := bytes.Repeat([]byte("0123456789"), 1000)
 	dst := make(sliceRW, len(src))
-	c := NewCopier(bytes.NewReader(src), dst, 1024)
+	c := NewCopier(bytes.NewReader(src), dst, CopierOptions{Chunk: 1024})
 	if err := c.Copy(context.Background(), 1000, 5000); err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,10 @@
 //   - Memory: one bit per region in core, never one key per region in the
 //     store. Once every region is hydrated and committed the in-core bitmap
 //     is released (dm-clone known issue 2).
+//   - A store pinned to a source identity (SourceID: an http(s) object's
+//     ETag, or Last-Modified and size) is refused with ErrSourceChanged
+//     when reopened on a different one: a region hydrated from one version
+//     never sits next to regions read from another.
 //   - A store is opened by one Store at a time (badger's directory lock); a
 //     store made for another region size or target size is refused, and a
 //     non-empty directory that is not a store is never written.

@@ -32,6 +32,10 @@ var (
 	ErrCorrupt = errors.New("metadata: corrupt metadata")
 	// ErrMismatch: the store was made for another region or target size.
 	ErrMismatch = errors.New("metadata: Region and/or target size don't match the ones in metadata")
+	// ErrSourceChanged: the source's identity (an http(s) object's ETag, or
+	// Last-Modified and size) is not the one the store was made from:
+	// hydrating on would mix two versions of the source.
+	ErrSourceChanged = errors.New("metadata: the source is not the one this clone was made from")
 	// ErrNoWrite: the store can be read but not written.
 	ErrNoWrite = errors.New("metadata: Unable to get write access to metadata, please check/repair metadata")
 	// ErrReadOnly: the store is in ro or Fail mode; nothing can change.
@@ -376,6 +380,9 @@ func (s *Store) load(opts Options, fresh bool) error {
 		if s.sb.Source != opts.Source {
 			s.log.Warn("metadata was made for another source path", "metadata_source", s.sb.Source, "table_source", opts.Source)
 		}
+		if err := s.checkSourceID(opts); err != nil {
+			return err
+		}
 	}
 	g, _ := regions.NewGeometry(opts.TargetSize, opts.RegionSize)
 	s.nrRegions = g.NrRegions()
@@ -389,6 +396,36 @@ func (s *Store) load(opts Options, fresh bool) error {
 	s.bitmap.Store(b)
 	s.releaseIfDone()
 	return nil
+}
+
+// checkSourceID refuses a source whose pinned identity changed. A store
+// made without a pin takes the source's identity now; a pinned store
+// accepts an unpinnable source only under another name (the user pointed
+// the table elsewhere on purpose, and was warned above).
+func (s *Store) checkSourceID(opts Options) error {
+	switch {
+	case s.sb.SourceID == opts.SourceID:
+		return nil
+	case s.sb.SourceID == "":
+		s.sb.SourceID = opts.SourceID
+		b, _ := json.Marshal(s.sb)
+		if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+			return fmt.Errorf("%w: recording the source identity: %w", ErrNoWrite, err)
+		}
+		s.log.Info("source identity pinned", "source_id", opts.SourceID)
+		return nil
+	case opts.SourceID == "" && s.sb.Source != opts.Source:
+		s.log.Warn("the new source cannot be checked against the one this clone was made from",
+			"metadata_source_id", s.sb.SourceID, "table_source", opts.Source)
+		return nil
+	default:
+		now := opts.SourceID
+		if now == "" {
+			now = "(none: the source no longer identifies itself)"
+		}
+		return fmt.Errorf("%w: made from %s, the source is now %s; refusing to mix two versions "+
+			"(restore the original object, or start a new clone on empty metadata)", ErrSourceChanged, s.sb.SourceID, now)
+	}
 }
 
 // readBitmap loads the committed bitmap from the store.

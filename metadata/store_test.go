@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -438,5 +439,59 @@ func TestCheckSpaceAndCloseReleaseReserve(t *testing.T) {
 	s.Close()
 	if _, err := os.Stat(reserve); !os.IsNotExist(err) {
 		t.Fatal("reserve kept across Close")
+	}
+}
+
+func TestSourceIDPin(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	o := testOptions(dir, nil)
+	o.Source, o.SourceID = "https://h/disk.img", `etag:"v1";size:42`
+	open := func(source, id string) error {
+		t.Helper()
+		o.Source, o.SourceID = source, id
+		s, err := Open(o)
+		if err == nil {
+			if got := s.Superblock().SourceID; got == "" {
+				t.Fatalf("opened without a pin")
+			}
+			s.Close()
+		}
+		return err
+	}
+	if err := open("https://h/disk.img", `etag:"v1";size:42`); err != nil {
+		t.Fatal(err)
+	}
+	if err := open("https://h/disk.img", `etag:"v1";size:42`); err != nil {
+		t.Fatalf("same object: %v", err)
+	}
+	err := open("https://h/disk.img", `etag:"v2";size:42`)
+	if !errors.Is(err, ErrSourceChanged) || !strings.Contains(err.Error(), `etag:"v1"`) || !strings.Contains(err.Error(), `etag:"v2"`) {
+		t.Fatalf("changed object: %v", err)
+	}
+	// The same URL that no longer identifies itself cannot be checked.
+	if err := open("https://h/disk.img", ""); !errors.Is(err, ErrSourceChanged) {
+		t.Fatalf("unpinnable same source: %v", err)
+	}
+	// A local copy under another name: accepted (with a warning).
+	if err := open("/srv/disk.img", ""); err != nil {
+		t.Fatalf("another, unpinnable source: %v", err)
+	}
+	// A store made without a pin takes the first one it sees.
+	dir2 := filepath.Join(t.TempDir(), "md")
+	o = testOptions(dir2, nil)
+	if s, err := Open(o); err != nil {
+		t.Fatal(err)
+	} else {
+		s.Close()
+	}
+	o.SourceID = "last-modified:x;size:1"
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	o.SourceID = "last-modified:y;size:1"
+	if _, err := Open(o); !errors.Is(err, ErrSourceChanged) {
+		t.Fatalf("after pinning on reopen: %v", err)
 	}
 }

@@ -4,11 +4,24 @@
 //
 // Protocol (doc/proto.md of NetworkBlockDevice/nbd): options
 // NBD_OPT_EXPORT_NAME, ABORT, LIST, INFO, GO (NBD_INFO_EXPORT, NAME,
-// DESCRIPTION, BLOCK_SIZE) and STRUCTURED_REPLY; commands READ, WRITE,
-// DISC, FLUSH, TRIM, WRITE_ZEROES and CACHE with the FUA, NO_HOLE,
-// FAST_ZERO and DF flags. STARTTLS, metadata contexts, BLOCK_STATUS and
-// extended headers are answered NBD_REP_ERR_UNSUP / EINVAL for now; the
-// session struct in negotiate.go marks where they go.
+// DESCRIPTION, BLOCK_SIZE), STRUCTURED_REPLY, LIST_META_CONTEXT,
+// SET_META_CONTEXT and STARTTLS; commands READ, WRITE, DISC, FLUSH, TRIM,
+// WRITE_ZEROES, CACHE and BLOCK_STATUS with the FUA, NO_HOLE, FAST_ZERO, DF
+// and REQ_ONE flags. Extended headers are answered NBD_REP_ERR_UNSUP.
+//
+// READ replies, when structured, send zero runs of at least 64 KiB (in
+// 4 KiB blocks aligned on the export) as NBD_REPLY_TYPE_OFFSET_HOLE chunks,
+// unless the client set DF; shorter reads are sent as one data chunk.
+//
+// Metadata contexts come from an Export that is also an Extenter: the
+// server offers exactly the contexts it names. LIST_META_CONTEXT with no
+// query lists them all and "namespace:" lists a namespace; SET selects
+// exact names only. Unknown names select nothing (not an error).
+//
+// TLS (Options.TLS): off (STARTTLS gets NBD_REP_ERR_POLICY), on (offered),
+// or require (the spec's FORCEDTLS: before STARTTLS every option but ABORT
+// gets NBD_REP_ERR_TLS_REQD and NBD_OPT_EXPORT_NAME ends the connection).
+// ServeListener may restrict a listener to an allowlist of exports.
 //
 // Invariants:
 //
@@ -32,13 +45,26 @@
 //  5. Memory per connection is bounded before it is allocated: option data
 //     ≤ 64 KiB; at most MaxInFlight requests and MaxInFlightBytes of READ and
 //     WRITE payload in flight, beyond which the reader stops reading the
-//     socket. A rejected WRITE's payload is skipped, not buffered.
+//     socket. A rejected WRITE's payload is skipped, not buffered. A
+//     BLOCK_STATUS reply is at most 128 KiB per selected context.
 //  6. A slow request does not hold back the ones behind it: each runs in its
 //     own worker and replies as soon as it is done, in any order (the spec
 //     allows it). Only a connection's full in-flight budget stops reading.
 //  7. A reply never carries bytes the request did not read: pooled read
 //     buffers are cleared before the Export fills them.
-//  8. Lifecycle: every goroutine is tracked and Close waits for all of them.
+//  8. BLOCK_STATUS needs structured replies and a context selected with
+//     NBD_OPT_SET_META_CONTEXT for the very export entered (EINVAL
+//     otherwise), 0 < length, and the range within the export. The reply
+//     has exactly one chunk per selected context; each describes at least
+//     one byte and at most the request, with non-empty descriptors,
+//     neighbours of equal status merged, at most 16384 descriptors (one
+//     under REQ_ONE).
+//  9. TLS: STARTTLS resets everything negotiated before it (structured
+//     replies, contexts), as the spec requires; a client that sends bytes
+//     after STARTTLS before its reply is disconnected (they would be
+//     plaintext injected into the TLS session); a failed handshake closes
+//     the connection. TLS is at least version 1.2.
+//  10. Lifecycle: every goroutine is tracked and Close waits for all of them.
 //     The context given to Export methods is cancelled when its connection
 //     closes. An export opened with Exports.Open is released exactly once,
 //     after the connection's last request has returned. Shutdown (Close,

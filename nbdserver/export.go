@@ -68,3 +68,39 @@ type ExportInfo struct {
 	Name        string
 	Description string
 }
+
+// Metadata contexts (NBD_OPT_SET_META_CONTEXT, NBD_CMD_BLOCK_STATUS).
+const (
+	// ContextBaseAllocation is the spec's base:allocation: StateHole and
+	// StateZero per extent.
+	ContextBaseAllocation = "base:allocation"
+
+	// StateHole (base:allocation): the extent is not allocated.
+	StateHole = uint32(1 << 0)
+	// StateZero (base:allocation): the extent reads as zeroes.
+	StateZero = uint32(1 << 1)
+)
+
+// Extenter is an optional interface of an Export that can describe its
+// contents in metadata contexts, for NBD_CMD_BLOCK_STATUS. An export
+// without it offers no context, and clients cannot send BLOCK_STATUS.
+type Extenter interface {
+	// MetaContexts names the contexts the export offers, each
+	// "namespace:name" (ContextBaseAllocation, or the export's own). The
+	// server offers exactly these; Extents is only called with one of them.
+	MetaContexts() []string
+	// Extents describes [off, off+n) in the named context as consecutive
+	// extents starting at off, at most maxExtents of them (≥ 1). The server
+	// only calls it with 0 < n < 2^32 and [off, off+n) within Size. It may
+	// describe less than n bytes but must describe at least one; the server
+	// drops empty extents and cuts the list at off+n. Flags are the
+	// context's (for base:allocation, StateHole and StateZero; 0 is always
+	// a safe answer).
+	Extents(ctx context.Context, metaContext string, off, n int64, maxExtents int) ([]Extent, error)
+}
+
+// Extent is a run of an export with one status in one metadata context.
+type Extent struct {
+	Length int64
+	Flags  uint32
+}

@@ -26,6 +26,11 @@ type memExport struct {
 	flags     ExportFlags
 	preferred uint32
 	hook      func(ctx context.Context, op string, off, n int64) error
+	// contexts are the metadata contexts offered (none by default);
+	// extents, when set (setExtents), answers Extents instead of
+	// zeroExtents.
+	contexts []string
+	extents  atomic.Pointer[extentsFunc]
 
 	mu   sync.RWMutex
 	data []byte // guarded by mu
@@ -127,6 +132,52 @@ func (m *memExport) Flush(ctx context.Context) error {
 func (m *memExport) Cache(ctx context.Context, off, n int64) error {
 	defer m.leave()
 	return m.enter(ctx, "cache", off, n)
+}
+
+func (m *memExport) MetaContexts() []string { return m.contexts }
+
+func (m *memExport) Extents(ctx context.Context, metaContext string, off, n int64, maxExtents int) ([]Extent, error) {
+	defer m.leave()
+	if err := m.enter(ctx, "extents", off, n); err != nil {
+		return nil, err
+	}
+	if n >= 1<<32 || maxExtents < 1 {
+		m.violations.Add(1)
+		return nil, fmt.Errorf("memExport: extents of %d bytes, at most %d (server bug)", n, maxExtents)
+	}
+	if f := m.extents.Load(); f != nil {
+		return (*f)(metaContext, off, n, maxExtents)
+	}
+	return m.zeroExtents(off, n, maxExtents), nil
+}
+
+type extentsFunc func(metaContext string, off, n int64, maxExtents int) ([]Extent, error)
+
+// setExtents makes f answer Extents, even while requests run.
+func (m *memExport) setExtents(f extentsFunc) { m.extents.Store(&f) }
+
+// zeroExtents is base:allocation from the data: 4 KiB blocks of zeroes
+// are holes, the rest data.
+func (m *memExport) zeroExtents(off, n int64, maxExtents int) []Extent {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	var out []Extent
+	for end := off + n; off < end; {
+		next := min((off/4096+1)*4096, end)
+		var flags uint32
+		if len(bytes.TrimLeft(m.data[off:next], "\x00")) == 0 {
+			flags = StateHole | StateZero
+		}
+		if k := len(out); k > 0 && out[k-1].Flags == flags {
+			out[k-1].Length += next - off
+		} else if len(out) == maxExtents {
+			break
+		} else {
+			out = append(out, Extent{Length: next - off, Flags: flags})
+		}
+		off = next
+	}
+	return out
 }
 
 func (m *memExport) snapshot() []byte {

@@ -1,12 +1,16 @@
 package nbdserver
 
 import (
+	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"math/bits"
 	"net"
+	"strings"
+	"unicode/utf8"
 )
 
 var be = binary.BigEndian
@@ -17,19 +21,18 @@ var errAbort = errors.New("nbdserver: client sent NBD_OPT_ABORT")
 // session is the negotiation state of one connection: what the client
 // asked for so far.
 type session struct {
-	fixed      bool // NBD_FLAG_C_FIXED_NEWSTYLE: options get replies
-	noZeroes   bool // NBD_FLAG_C_NO_ZEROES
-	structured bool // NBD_OPT_STRUCTURED_REPLY acknowledged
+	fixed    bool // NBD_FLAG_C_FIXED_NEWSTYLE: options get replies
+	noZeroes bool // NBD_FLAG_C_NO_ZEROES
+	tls      bool // NBD_OPT_STARTTLS acknowledged and the handshake done
 
-	// Room for the protocol extensions still to come, so they change this
-	// struct and the option switch in handleOption, not the flow:
-	//  - NBD_OPT_STARTTLS swaps c.nc and c.r for a tls.Conn (c.r is empty
-	//    then: the client sends nothing until our ACK) and, as the spec
-	//    requires, resets this session to its zero value except fixed.
-	//  - NBD_OPT_SET_META_CONTEXT records the export name and the selected
-	//    contexts here (metaExport, metaContexts []metaContext{id, name});
-	//    enter copies them to the conn when the names match, and check then
-	//    admits NBD_CMD_BLOCK_STATUS instead of failing it with EINVAL.
+	// Option state: NBD_OPT_STARTTLS resets it (the spec: everything
+	// negotiated in plaintext is forgotten).
+	structured bool // NBD_OPT_STRUCTURED_REPLY acknowledged
+	// The last NBD_OPT_SET_META_CONTEXT: the export it named and the
+	// contexts it selected (ID i+1 is metaContexts[i]). They apply only if
+	// the client enters transmission with that export.
+	metaExport   string
+	metaContexts []string
 }
 
 // opened is the export a client entered the transmission phase with.
@@ -99,6 +102,17 @@ func (c *conn) negotiate() (*opened, error) {
 // client entered the transmission phase, an error when the connection must
 // end, and neither when negotiation goes on.
 func (c *conn) handleOption(sess *session, opt uint32, data []byte) (*opened, error) {
+	if c.tlsMode == TLSRequire && !sess.tls {
+		switch opt {
+		case optStartTLS, optAbort:
+		case optExportName:
+			// It cannot be answered with an error: the spec says end the
+			// session.
+			return nil, errors.New("nbdserver: NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, and TLS is required")
+		default:
+			return nil, c.optError(opt, repErrTLSReqd, "TLS is required: send NBD_OPT_STARTTLS first")
+		}
+	}
 	switch opt {
 	case optExportName:
 		return c.handleExportName(sess, data)
@@ -116,8 +130,12 @@ func (c *conn) handleOption(sess *session, opt uint32, data []byte) (*opened, er
 		}
 		sess.structured = true // a repeat is harmless: acknowledge it again
 		return nil, c.optReply(opt, repAck)
-	case optStartTLS, optListMetaContext, optSetMetaContext, optExtendedHeaders:
-		// Not yet implemented (see session); clients fall back cleanly.
+	case optStartTLS:
+		return nil, c.startTLS(sess, data)
+	case optListMetaContext, optSetMetaContext:
+		return nil, c.metaContext(sess, opt, data)
+	case optExtendedHeaders:
+		// Not implemented: clients fall back to compact headers.
 		return nil, c.optError(opt, repErrUnsup, "option not supported by this server")
 	default:
 		return nil, c.optError(opt, repErrUnsup, fmt.Sprintf("unknown option %d", opt))
@@ -131,7 +149,7 @@ func (c *conn) handleExportName(sess *session, data []byte) (*opened, error) {
 		return nil, fmt.Errorf("nbdserver: NBD_OPT_EXPORT_NAME name of %d bytes", len(data))
 	}
 	name := string(data)
-	exp, release, ok := c.s.exports.Open(name)
+	exp, release, ok := c.open(name)
 	if !ok {
 		return nil, fmt.Errorf("nbdserver: NBD_OPT_EXPORT_NAME: unknown export %q", name)
 	}
@@ -147,7 +165,7 @@ func (c *conn) handleExportName(sess *session, data []byte) (*opened, error) {
 		release()
 		return nil, fmt.Errorf("nbdserver: reply to NBD_OPT_EXPORT_NAME: %w", err)
 	}
-	c.enter(exp, flags, sess)
+	c.enter(exp, flags, sess, name)
 	return &opened{name: name, release: release}, nil
 }
 
@@ -157,6 +175,9 @@ func (c *conn) list(data []byte) error {
 		return c.optError(optList, repErrInvalid, "NBD_OPT_LIST takes no data")
 	}
 	for _, info := range c.s.exports.List() {
+		if c.allow != nil && !c.allow(info.Name) {
+			continue
+		}
 		// The description travels after the name, as the spec's
 		// "implementation-specific details ... suitable for display".
 		reply := make([]byte, 4, 4+len(info.Name)+len(info.Description))
@@ -207,9 +228,9 @@ func (c *conn) infoOrGo(sess *session, opt uint32, data []byte) (*opened, error)
 		ok      bool
 	)
 	if opt == optGo {
-		exp, release, ok = c.s.exports.Open(name)
+		exp, release, ok = c.open(name)
 	} else {
-		exp, ok = c.s.exports.Lookup(name)
+		exp, ok = c.lookup(name)
 	}
 	if !ok {
 		return nil, c.optError(opt, repErrUnknown, fmt.Sprintf("unknown export %q", name))
@@ -233,7 +254,7 @@ func (c *conn) infoOrGo(sess *session, opt uint32, data []byte) (*opened, error)
 	if opt != optGo {
 		return nil, nil
 	}
-	c.enter(exp, flags, sess)
+	c.enter(exp, flags, sess, name)
 	return &opened{name: name, release: release}, nil
 }
 
@@ -266,7 +287,7 @@ func (c *conn) sendInfo(opt uint32, exp Export, flags ExportFlags, sess *session
 }
 
 func (c *conn) description(name string) string {
-	for _, info := range c.s.exports.List() {
+	for _, info := range c.s.exports.List() { // name passed c.lookup
 		if info.Name == name {
 			return info.Description
 		}
@@ -275,12 +296,168 @@ func (c *conn) description(name string) string {
 }
 
 // enter fixes the transmission-phase state; called once, before the reader
-// starts and before any worker exists.
-func (c *conn) enter(exp Export, flags ExportFlags, sess *session) {
+// starts and before any worker exists. The metadata contexts selected for
+// another export name are dropped, as the spec asks.
+func (c *conn) enter(exp Export, flags ExportFlags, sess *session, name string) {
 	c.exp = exp
 	c.size = exportSize(exp)
 	c.flags = flags
 	c.structured = sess.structured
+	if _, ok := exp.(Extenter); ok && sess.structured && sess.metaExport == name {
+		c.metaContexts = sess.metaContexts
+	}
+}
+
+// lookup finds an export this listener serves.
+func (c *conn) lookup(name string) (Export, bool) {
+	if c.allow != nil && !c.allow(name) {
+		return nil, false
+	}
+	return c.s.exports.Lookup(name)
+}
+
+// open is lookup for entering transmission (see Exports.Open).
+func (c *conn) open(name string) (Export, func(), bool) {
+	if c.allow != nil && !c.allow(name) {
+		return nil, nil, false
+	}
+	return c.s.exports.Open(name)
+}
+
+// startTLS handles NBD_OPT_STARTTLS: ACK, then the TLS handshake over the
+// socket; every later byte is encrypted. A failed handshake ends the
+// connection (the ACK is sent: there is no way back to plaintext).
+func (c *conn) startTLS(sess *session, data []byte) error {
+	switch {
+	case len(data) != 0:
+		return c.optError(optStartTLS, repErrInvalid, "NBD_OPT_STARTTLS takes no data")
+	case c.tlsMode == TLSOff:
+		return c.optError(optStartTLS, repErrPolicy, "TLS is not enabled on this server")
+	case sess.tls:
+		return c.optError(optStartTLS, repErrInvalid, "TLS is already active")
+	case c.r.Buffered() != 0:
+		// The client must wait for our reply before it starts TLS; bytes
+		// already here would be plaintext smuggled into the TLS session
+		// (the STARTTLS injection attack).
+		return fmt.Errorf("nbdserver: %d bytes sent after NBD_OPT_STARTTLS before its reply", c.r.Buffered())
+	}
+	if err := c.optReply(optStartTLS, repAck); err != nil {
+		return err
+	}
+	tc := tls.Server(c.raw, c.s.opts.TLSConfig)
+	// Shutdown interrupts the handshake through raw's read deadline, and a
+	// closed connection cancels c.ctx.
+	if err := tc.HandshakeContext(c.ctx); err != nil {
+		tc.Close()
+		return fmt.Errorf("nbdserver: TLS handshake: %w", err)
+	}
+	c.nc = tc
+	c.r.Reset(tc)
+	c.tlsWriter = bufio.NewWriterSize(tc, 64<<10)
+	c.log = c.log.With("tls", tls.VersionName(tc.ConnectionState().Version))
+	*sess = session{fixed: sess.fixed, noZeroes: sess.noZeroes, tls: true}
+	return nil
+}
+
+// metaContext handles NBD_OPT_LIST_META_CONTEXT and
+// NBD_OPT_SET_META_CONTEXT: export name length, name, number of queries,
+// then each query as length and string.
+//
+// Queries: an exact context name selects it; for LIST, "namespace:" also
+// lists every context in that namespace, and no query lists all. Unknown
+// names select nothing, which is not an error. SET replaces the selection
+// even when it fails, as the spec says.
+func (c *conn) metaContext(sess *session, opt uint32, data []byte) error {
+	set := opt == optSetMetaContext
+	if set {
+		sess.metaExport, sess.metaContexts = "", nil
+	}
+	if !sess.structured {
+		return c.optError(opt, repErrInvalid, "negotiate NBD_OPT_STRUCTURED_REPLY before metadata contexts")
+	}
+	if len(data) < 8 {
+		return c.optError(opt, repErrInvalid, "option data too short")
+	}
+	nameLen := be.Uint32(data)
+	if uint64(nameLen) > uint64(len(data)-8) {
+		return c.optError(opt, repErrInvalid, "export name length exceeds the option data")
+	}
+	if nameLen > maxStringLen {
+		return c.optError(opt, repErrInvalid, "export name longer than 4096 bytes")
+	}
+	name := string(data[4 : 4+nameLen])
+	rest := data[4+nameLen:]
+	nq := be.Uint32(rest)
+	rest = rest[4:]
+	// Each query takes at least its 4-byte length: a count the data cannot
+	// hold is refused before anything is allocated for it.
+	if uint64(nq) > uint64(len(rest)/4) {
+		return c.optError(opt, repErrInvalid, "query count exceeds the option data")
+	}
+	queries := make([]string, 0, nq)
+	for range nq {
+		if len(rest) < 4 {
+			return c.optError(opt, repErrInvalid, "query count exceeds the option data")
+		}
+		ql := be.Uint32(rest)
+		if uint64(ql) > uint64(len(rest)-4) {
+			return c.optError(opt, repErrInvalid, "query length exceeds the option data")
+		}
+		if ql > maxStringLen {
+			return c.optError(opt, repErrTooBig, "query longer than 4096 bytes")
+		}
+		q := string(rest[4 : 4+ql])
+		rest = rest[4+ql:]
+		if !utf8.ValidString(q) || strings.IndexByte(q, 0) >= 0 || strings.IndexByte(q, ':') <= 0 {
+			return c.optError(opt, repErrInvalid, fmt.Sprintf("query %q is not namespace:name", errorMessage(q)))
+		}
+		queries = append(queries, q)
+	}
+	if len(rest) != 0 {
+		return c.optError(opt, repErrInvalid, "trailing bytes after the queries")
+	}
+	exp, ok := c.lookup(name)
+	if !ok {
+		return c.optError(opt, repErrUnknown, fmt.Sprintf("unknown export %q", name))
+	}
+	var offered []string
+	if ext, ok := exp.(Extenter); ok {
+		offered = ext.MetaContexts()
+	}
+	var matched []string
+	seen := map[string]bool{}
+	match := func(ctx string) {
+		if !seen[ctx] {
+			seen[ctx] = true
+			matched = append(matched, ctx)
+		}
+	}
+	for _, ctx := range offered {
+		if !set && len(queries) == 0 {
+			match(ctx)
+		}
+	}
+	for _, q := range queries {
+		for _, ctx := range offered {
+			if ctx == q || (!set && strings.HasSuffix(q, ":") && strings.HasPrefix(ctx, q)) {
+				match(ctx)
+			}
+		}
+	}
+	for i, ctx := range matched {
+		// LIST replies carry ID 0, which the spec reserves for them.
+		id := uint32(0)
+		if set {
+			id = uint32(i + 1)
+		}
+		if err := c.optReply(opt, repMetaContext, be.AppendUint32(nil, id), []byte(ctx)); err != nil {
+			return err
+		}
+	}
+	if set {
+		sess.metaExport, sess.metaContexts = name, matched
+	}
+	return c.optReply(opt, repAck)
 }
 
 func exportSize(exp Export) uint64 {

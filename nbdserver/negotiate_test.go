@@ -90,10 +90,18 @@ func TestUnsupportedOptionsThenGo(t *testing.T) {
 	srv := startServer(t, e, Options{})
 	rc := dialRaw(t, srv.sock)
 	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	for _, opt := range []uint32{optStartTLS, optListMetaContext, optSetMetaContext, optExtendedHeaders, 4, 12, 1 << 30} {
+	for _, opt := range []uint32{optExtendedHeaders, 4, 12, 1 << 30} {
 		rc.sendOption(opt, []byte("some data"))
 		rc.expectOptReply(opt, repErrUnsup)
 	}
+	// Known options with malformed data are invalid, not unsupported; TLS
+	// is off, which is policy.
+	for _, opt := range []uint32{optStartTLS, optListMetaContext, optSetMetaContext} {
+		rc.sendOption(opt, []byte("some data"))
+		rc.expectOptReply(opt, repErrInvalid)
+	}
+	rc.sendOption(optStartTLS, nil)
+	rc.expectOptReply(optStartTLS, repErrPolicy)
 	rc.goExport("disk", true)
 	rc.request(cmdRead, 0, 1, 0, 4096, nil)
 	if c := rc.readChunk(); c.typ != replyTypeOffsetData || c.flags != replyFlagDone || len(c.payload) != 8+4096 {

@@ -3,6 +3,7 @@ package nbdserver
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -50,6 +51,53 @@ type Options struct {
 	// for a connection's requests in flight before closing it anyway and
 	// cancelling their context. 0 means DefaultShutdownGrace.
 	ShutdownGrace time.Duration
+	// TLS is how TLS is offered (NBD_OPT_STARTTLS); the zero value, TLSOff,
+	// offers none.
+	TLS TLSMode
+	// TLSConfig is the server side of TLS: its certificate, and whether
+	// (and against which CAs) client certificates are verified. Required
+	// unless TLS is TLSOff. The server uses a clone with at least TLS 1.2.
+	TLSConfig *tls.Config
+}
+
+// TLSMode is how a server offers TLS (doc/proto.md, "TLS support").
+type TLSMode int
+
+const (
+	// TLSOff is the spec's NOTLS mode: NBD_OPT_STARTTLS is refused with
+	// NBD_REP_ERR_POLICY.
+	TLSOff TLSMode = iota
+	// TLSOn offers TLS without requiring it (SELECTIVETLS with no TLS-only
+	// export): a client may upgrade, or not.
+	TLSOn
+	// TLSRequire is the spec's FORCEDTLS mode: until the client has
+	// upgraded, every option but NBD_OPT_STARTTLS and NBD_OPT_ABORT fails
+	// with NBD_REP_ERR_TLS_REQD (so nothing is listed or described), and
+	// NBD_OPT_EXPORT_NAME ends the connection.
+	TLSRequire
+)
+
+func (m TLSMode) String() string {
+	switch m {
+	case TLSOff:
+		return "off"
+	case TLSOn:
+		return "on"
+	case TLSRequire:
+		return "require"
+	default:
+		return fmt.Sprintf("TLSMode(%d)", int(m))
+	}
+}
+
+// ParseTLSMode parses "off", "on" or "require".
+func ParseTLSMode(s string) (TLSMode, error) {
+	for _, m := range []TLSMode{TLSOff, TLSOn, TLSRequire} {
+		if s == m.String() {
+			return m, nil
+		}
+	}
+	return TLSOff, fmt.Errorf("%w: TLS mode %q: want off, on or require", ErrInvalidOptions, s)
 }
 
 // Validate fills zero fields with their defaults and reports the first
@@ -79,8 +127,32 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("%w: MaxInFlightBytes %d is less than MaxPayload %d", ErrInvalidOptions, o.MaxInFlightBytes, o.MaxPayload)
 	case o.ShutdownGrace < 0:
 		return fmt.Errorf("%w: ShutdownGrace %v is negative", ErrInvalidOptions, o.ShutdownGrace)
+	case o.TLS < TLSOff || o.TLS > TLSRequire:
+		return fmt.Errorf("%w: unknown %v", ErrInvalidOptions, o.TLS)
+	case o.TLS != TLSOff && o.TLSConfig == nil:
+		return fmt.Errorf("%w: TLS %v needs a TLSConfig", ErrInvalidOptions, o.TLS)
+	case o.TLS != TLSOff && len(o.TLSConfig.Certificates) == 0 && o.TLSConfig.GetCertificate == nil && o.TLSConfig.GetConfigForClient == nil:
+		return fmt.Errorf("%w: TLS %v needs a server certificate", ErrInvalidOptions, o.TLS)
+	}
+	if o.TLSConfig != nil {
+		// The spec: TLS 1.2 at least, older versions never by default.
+		cfg := o.TLSConfig.Clone()
+		cfg.MinVersion = max(cfg.MinVersion, tls.VersionTLS12)
+		o.TLSConfig = cfg
 	}
 	return nil
+}
+
+// ListenerOptions configure what one listener serves.
+type ListenerOptions struct {
+	// Exports, when not nil, is the only export names this listener
+	// serves: the others are not listed, described or opened through it,
+	// exactly as if they did not exist.
+	Exports []string
+	// TLS, when not nil, replaces Options.TLS on this listener: TLSOff for
+	// an in-process listener whose peers are trusted, say. Modes other
+	// than TLSOff need Options.TLSConfig.
+	TLS *TLSMode
 }
 
 // Server serves Exports over NBD on any number of listeners.
@@ -138,6 +210,27 @@ func (s *Server) goFunc(f func()) bool {
 // closed by someone else, its connections live on until the client leaves,
 // Disconnect or Close. Serve may run on several listeners at once.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	return s.ServeListener(ctx, l, ListenerOptions{})
+}
+
+// ServeListener is Serve with options for this listener.
+func (s *Server) ServeListener(ctx context.Context, l net.Listener, lo ListenerOptions) error {
+	tlsMode := s.opts.TLS
+	if lo.TLS != nil {
+		tlsMode = *lo.TLS
+		if tlsMode < TLSOff || tlsMode > TLSRequire || (tlsMode != TLSOff && s.opts.TLSConfig == nil) {
+			l.Close()
+			return fmt.Errorf("%w: listener TLS %v without a TLSConfig", ErrInvalidOptions, tlsMode)
+		}
+	}
+	var allow func(string) bool
+	if lo.Exports != nil {
+		allowed := make(map[string]bool, len(lo.Exports))
+		for _, name := range lo.Exports {
+			allowed[name] = true
+		}
+		allow = func(name string) bool { return allowed[name] }
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -198,7 +291,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			}
 		}
 		backoff = 0
-		s.startConn(ctx, nc, l)
+		s.startConn(ctx, nc, l, allow, tlsMode)
 	}
 }
 
@@ -223,7 +316,7 @@ func (s *Server) isClosed() bool {
 
 // startConn registers nc and starts its goroutine, or closes nc if the
 // server is closing.
-func (s *Server) startConn(serveCtx context.Context, nc net.Conn, l net.Listener) {
+func (s *Server) startConn(serveCtx context.Context, nc net.Conn, l net.Listener, allow func(string) bool, tlsMode TLSMode) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -232,6 +325,8 @@ func (s *Server) startConn(serveCtx context.Context, nc net.Conn, l net.Listener
 	}
 	s.nextID++
 	c := newConn(s, serveCtx, nc, l, s.nextID)
+	c.allow = allow
+	c.tlsMode = tlsMode
 	s.conns[c] = struct{}{}
 	s.wg.Go(c.run) // s.closed is false under mu: this is goFunc, inlined
 	s.mu.Unlock()
@@ -329,11 +424,24 @@ func (s *Server) Close() error {
 // request runs in a worker goroutine of its own, at most MaxInFlight at a
 // time.
 type conn struct {
-	s        *Server
+	s *Server
+	// raw is the accepted socket; shutdown sets its deadlines, from any
+	// goroutine.
+	raw net.Conn
+	// nc is what the protocol runs over: raw, or a *tls.Conn over it after
+	// NBD_OPT_STARTTLS. Only the connection's goroutine changes it, during
+	// negotiation, before any worker exists.
 	nc       net.Conn
 	r        *bufio.Reader // every read of nc goes through r
 	listener net.Listener  // that accepted nc, for Serve's shutdown
 	log      *slog.Logger
+	// allow, when not nil, is the listener's export allowlist.
+	allow func(name string) bool
+	// tlsMode is the listener's TLS mode.
+	tlsMode TLSMode
+	// tlsWriter batches reply writes over TLS, where a writev would become
+	// one TLS record per buffer. Used only by the current reply writer.
+	tlsWriter *bufio.Writer
 
 	// ctx is passed to Export methods; cancelled when the connection closes.
 	ctx    context.Context
@@ -356,6 +464,9 @@ type conn struct {
 	size       uint64
 	flags      ExportFlags
 	structured bool
+	// metaContexts are the contexts selected for exp; context ID i+1 is
+	// metaContexts[i]. Non-empty only if exp is an Extenter.
+	metaContexts []string
 
 	adm     admission
 	workers sync.WaitGroup // request workers; waited for before release
@@ -396,6 +507,8 @@ func newConn(s *Server, serveCtx context.Context, nc net.Conn, l net.Listener, i
 	ctx, cancel := context.WithCancel(context.WithoutCancel(serveCtx))
 	return &conn{
 		s:        s,
+		tlsMode:  s.opts.TLS,
+		raw:      nc,
 		nc:       nc,
 		r:        bufio.NewReaderSize(nc, 32<<10),
 		listener: l,
@@ -424,8 +537,8 @@ func remoteAddr(nc net.Conn) string {
 func (c *conn) beginShutdown() {
 	c.stopOnce.Do(func() { close(c.stop) })
 	// A deadline in the past interrupts a blocked read now and fails every
-	// later one; it is never reset.
-	c.nc.SetReadDeadline(time.Unix(1, 0))
+	// later one (a TLS handshake too); it is never reset.
+	c.raw.SetReadDeadline(time.Unix(1, 0))
 }
 
 func (c *conn) stopping() bool {

@@ -1,6 +1,7 @@
 package nbdserver
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -206,9 +207,12 @@ func (c *conn) check(req request) rejection {
 			allowed |= cmdFlagFastZero
 		}
 	case cmdBlockStatus:
-		// Until metadata contexts can be negotiated none is ever selected,
-		// and the spec answers BLOCK_STATUS without one with EINVAL.
-		return reject(nbdEINVAL, "NBD_CMD_BLOCK_STATUS without a negotiated metadata context")
+		// The spec answers BLOCK_STATUS without a selected context with
+		// EINVAL.
+		if len(c.metaContexts) == 0 {
+			return reject(nbdEINVAL, "NBD_CMD_BLOCK_STATUS without a negotiated metadata context")
+		}
+		allowed |= cmdFlagReqOne
 	default:
 		return reject(nbdEINVAL, "unknown command %d", req.typ)
 	}
@@ -240,6 +244,11 @@ func (c *conn) check(req request) rejection {
 			errno = nbdENOSPC
 		}
 		return reject(errno, "%s of %d bytes at offset %d is beyond the export size %d", cmdName(req.typ), req.length, req.offset, c.size)
+	}
+	if req.typ == cmdBlockStatus && req.length == 0 {
+		// Every reply must hold at least one descriptor of at least one
+		// byte, which an empty range cannot have.
+		return reject(nbdEINVAL, "NBD_CMD_BLOCK_STATUS of 0 bytes")
 	}
 	return rejection{}
 }
@@ -288,6 +297,9 @@ func (c *conn) serve(req request, rej rejection, payload *[]byte, held int64) {
 	switch req.typ {
 	case cmdRead:
 		c.serveRead(req)
+		return
+	case cmdBlockStatus:
+		c.serveBlockStatus(req)
 		return
 	case cmdWrite:
 		if n > 0 {
@@ -345,6 +357,12 @@ func (c *conn) serveRead(req request) {
 			c.send(net.Buffers{hdr[:], buf})
 			return
 		}
+		if req.flags&cmdFlagDF == 0 && n >= minHoleRun {
+			if bufs := sparseReadChunks(req, buf); bufs != nil {
+				c.send(bufs)
+				return
+			}
+		}
 		// One content chunk, final: the data is all in memory, so no error
 		// can arise while it is sent (the spec's condition for DONE on
 		// data), and DF is honoured by construction.
@@ -372,6 +390,170 @@ func (c *conn) serveRead(req request) {
 	}
 	bufs = append(bufs, errorChunk(req.handle, errno, err.Error(), oe.Offset))
 	c.send(bufs)
+}
+
+// serveBlockStatus answers NBD_CMD_BLOCK_STATUS: one
+// NBD_REPLY_TYPE_BLOCK_STATUS chunk per selected context, in one write, the
+// last one final. Whatever the export returns, each chunk describes at
+// least one byte and at most the request (lengths fit 32 bits because the
+// request's does), with no empty descriptor, neighbours of equal status
+// merged, and one descriptor only under NBD_CMD_FLAG_REQ_ONE. An export
+// error fails the whole request with one error chunk.
+func (c *conn) serveBlockStatus(req request) {
+	off, n := int64(req.offset), int64(req.length)
+	maxExtents := maxExtentsPerContext
+	if req.flags&cmdFlagReqOne != 0 {
+		maxExtents = 1
+	}
+	ext := c.exp.(Extenter) // enter selects contexts only for an Extenter
+	var b []byte
+	for i, name := range c.metaContexts {
+		extents, err := ext.Extents(c.ctx, name, off, n, maxExtents)
+		if err != nil {
+			c.log.Debug("nbdserver: block status failed", "context", name, "offset", req.offset, "length", req.length, "err", err)
+			c.replyError(req, errnoOf(err), err.Error(), -1)
+			return
+		}
+		b = appendBlockStatus(b, req.handle, uint32(i+1), extents, n, maxExtents, i == len(c.metaContexts)-1)
+	}
+	c.send(net.Buffers{b})
+}
+
+// appendBlockStatus appends one NBD_REPLY_TYPE_BLOCK_STATUS chunk for
+// context id describing at most n bytes with at most maxExtents
+// descriptors. With no usable extent it describes all n bytes as status 0,
+// which the spec makes always safe.
+func appendBlockStatus(b []byte, handle uint64, id uint32, extents []Extent, n int64, maxExtents int, final bool) []byte {
+	start := len(b)
+	b = append(b, make([]byte, structuredReplyHeaderLen)...)
+	b = be.AppendUint32(b, id)
+	var covered int64
+	count := 0
+	var lastFlags uint32
+	for _, e := range extents {
+		if covered >= n {
+			break
+		}
+		if e.Length <= 0 {
+			continue
+		}
+		length := min(e.Length, n-covered)
+		if count > 0 && e.Flags == lastFlags {
+			// Merged: the sum stays ≤ n < 2^32.
+			at := len(b) - 8
+			be.PutUint32(b[at:], be.Uint32(b[at:])+uint32(length))
+			covered += length
+			continue
+		}
+		if count == maxExtents {
+			break
+		}
+		b = be.AppendUint32(b, uint32(length))
+		b = be.AppendUint32(b, e.Flags)
+		lastFlags = e.Flags
+		covered += length
+		count++
+	}
+	if count == 0 {
+		b = be.AppendUint32(b, uint32(n))
+		b = be.AppendUint32(b, 0)
+	}
+	var flags uint16
+	if final {
+		flags = replyFlagDone
+	}
+	putChunkHeader(b[start:], flags, replyTypeBlockStatus, handle, uint32(len(b)-start-structuredReplyHeaderLen))
+	return b
+}
+
+// Hole chunks in READ replies: runs of at least minHoleRun bytes of zeroes,
+// in whole holeBlock-aligned blocks, are sent as NBD_REPLY_TYPE_OFFSET_HOLE
+// instead of data. Shorter runs are not worth the extra chunks; a read
+// shorter than minHoleRun is never scanned, so 4 KiB random reads pay
+// nothing, and a block of data is found non-zero at its first differing
+// byte.
+const (
+	holeBlock  = 4096
+	minHoleRun = 64 << 10
+)
+
+var zeroBlock [holeBlock]byte // read-only
+
+// sparseReadChunks splits a successful READ into data and hole chunks, the
+// last one final (everything is in memory, so no error can follow). It
+// returns nil when buf has no zero run worth a hole chunk.
+func sparseReadChunks(req request, buf []byte) net.Buffers {
+	type segment struct {
+		start, end int // in buf
+		hole       bool
+	}
+	var room [8]segment // most reads have few runs: no allocation for them
+	segs := room[:0]
+	addData := func(start, end int) {
+		if start >= end {
+			return
+		}
+		if k := len(segs); k > 0 && !segs[k-1].hole {
+			segs[k-1].end = end
+			return
+		}
+		segs = append(segs, segment{start, end, false})
+	}
+	// Block boundaries are aligned on the export, not on the request.
+	first := int((holeBlock - req.offset%holeBlock) % holeBlock)
+	addData(0, min(first, len(buf)))
+	runStart := -1 // start of the current zero run, or -1
+	for b := first; b < len(buf); b += holeBlock {
+		end := min(b+holeBlock, len(buf))
+		zero := end-b == holeBlock && bytes.Equal(buf[b:end], zeroBlock[:])
+		switch {
+		case zero && runStart < 0:
+			runStart = b
+		case !zero && runStart >= 0:
+			if b-runStart >= minHoleRun {
+				segs = append(segs, segment{runStart, b, true})
+			} else {
+				addData(runStart, b)
+			}
+			runStart = -1
+		}
+		if !zero {
+			addData(b, end)
+		}
+	}
+	if runStart >= 0 {
+		if len(buf)-runStart >= minHoleRun {
+			segs = append(segs, segment{runStart, len(buf), true})
+		} else {
+			addData(runStart, len(buf))
+		}
+	}
+	if len(segs) == 1 && !segs[0].hole {
+		return nil
+	}
+	headers := make([]byte, 0, len(segs)*(structuredReplyHeaderLen+12))
+	bufs := make(net.Buffers, 0, 2*len(segs))
+	for i, sg := range segs {
+		var flags uint16
+		if i == len(segs)-1 {
+			flags = replyFlagDone
+		}
+		at := len(headers)
+		off := req.offset + uint64(sg.start)
+		if sg.hole {
+			headers = headers[:at+structuredReplyHeaderLen+12]
+			putChunkHeader(headers[at:], flags, replyTypeOffsetHole, req.handle, 12)
+			be.PutUint64(headers[at+structuredReplyHeaderLen:], off)
+			be.PutUint32(headers[at+structuredReplyHeaderLen+8:], uint32(sg.end-sg.start))
+			bufs = append(bufs, headers[at:len(headers):len(headers)])
+			continue
+		}
+		headers = headers[:at+structuredReplyHeaderLen+8]
+		putChunkHeader(headers[at:], flags, replyTypeOffsetData, req.handle, uint32(8+sg.end-sg.start))
+		be.PutUint64(headers[at+structuredReplyHeaderLen:], off)
+		bufs = append(bufs, headers[at:len(headers):len(headers)], buf[sg.start:sg.end])
+	}
+	return bufs
 }
 
 // replyOK sends a successful reply without payload: a simple reply, which
@@ -437,6 +619,22 @@ func putChunkHeader(b []byte, flags, typ uint16, handle uint64, length uint32) {
 	be.PutUint32(b[16:], length)
 }
 
+// writeBatch writes queued reply buffers: one writev on a plain socket;
+// over TLS, through a buffer, so small replies share TLS records.
+func (c *conn) writeBatch(batch net.Buffers) error {
+	if c.tlsWriter == nil {
+		unsent := batch // WriteTo consumes the slice it is called on
+		_, err := unsent.WriteTo(c.nc)
+		return err
+	}
+	for _, b := range batch {
+		if _, err := c.tlsWriter.Write(b); err != nil {
+			return err
+		}
+	}
+	return c.tlsWriter.Flush()
+}
+
 // send queues one whole reply and returns once it is written (its buffers
 // may then be reused). Replies queued while another is being written go out
 // together in the next writev: whole replies, in queue order, so they never
@@ -460,8 +658,7 @@ func (c *conn) send(bufs net.Buffers) {
 			batch, upTo := c.pending, c.queued
 			c.pending = c.spare[:0]
 			c.wmu.Unlock()
-			unsent := batch // WriteTo consumes the slice it is called on
-			_, err := unsent.WriteTo(c.nc)
+			err := c.writeBatch(batch)
 			clear(batch) // drop references to reply buffers
 			c.wmu.Lock()
 			c.spare = batch[:0]

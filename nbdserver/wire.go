@@ -37,13 +37,16 @@ const (
 
 // Option reply types (NBD_REP_*). Errors have bit 31 set.
 const (
-	repAck        = protocol.NEGOTIATION_TYPE_REPLY_ACK
-	repServer     = protocol.NEGOTIATION_TYPE_REPLY_SERVER
-	repInfo       = protocol.NEGOTIATION_TYPE_REPLY_INFO
-	repErrUnsup   = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNSUPPORTED
-	repErrInvalid = uint32(1<<31 | 3)
-	repErrUnknown = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
-	repErrTooBig  = uint32(1<<31 | 9)
+	repAck         = protocol.NEGOTIATION_TYPE_REPLY_ACK
+	repServer      = protocol.NEGOTIATION_TYPE_REPLY_SERVER
+	repInfo        = protocol.NEGOTIATION_TYPE_REPLY_INFO
+	repMetaContext = uint32(4)
+	repErrUnsup    = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNSUPPORTED
+	repErrPolicy   = uint32(1<<31 | 2)
+	repErrInvalid  = uint32(1<<31 | 3)
+	repErrTLSReqd  = uint32(1<<31 | 5)
+	repErrUnknown  = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
+	repErrTooBig   = uint32(1<<31 | 9)
 )
 
 // Information types in NBD_REP_INFO (NBD_INFO_*).
@@ -101,6 +104,8 @@ const (
 
 	replyTypeNone        = uint16(0)
 	replyTypeOffsetData  = uint16(1)
+	replyTypeOffsetHole  = uint16(2)
+	replyTypeBlockStatus = uint16(5)
 	replyTypeError       = uint16(1<<15 | 1)
 	replyTypeErrorOffset = uint16(1<<15 | 2)
 )
@@ -118,4 +123,8 @@ const (
 	// exportNameZeroes is the reserved padding after NBD_OPT_EXPORT_NAME's
 	// reply unless the client negotiated NBD_FLAG_C_NO_ZEROES.
 	exportNameZeroes = 124
+	// maxExtentsPerContext bounds the descriptors of one
+	// NBD_REPLY_TYPE_BLOCK_STATUS chunk (8 bytes each): the spec lets a
+	// server describe less than asked, and clients ask again for the rest.
+	maxExtentsPerContext = 16 << 10
 )

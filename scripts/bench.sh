@@ -11,9 +11,17 @@
 #   H1  full hydration of a local file (page cache warm), tuned threshold and
 #       batch, create → `nbdclone wait` (includes the final commit and fsync),
 #       vs dd bs=4M conv=fsync and vs cp + sync of the same file.
+#   H2  hydration from a remote source: nbdkit file serving the same file on
+#       a unix socket, plain and behind --filter=delay rdelay=2ms; a clone
+#       with default knobs (the source's window applies), create → wait
+#       (includes the final commit and fsync), vs nbdcopy --flush of the same
+#       export to a local file, and vs nbdkit's cow filter (cow-on-read=true)
+#       read through by nbdcopy. Then the time to the first byte of a cold
+#       4 KiB read through a clone vs a read from the source itself (median
+#       and p99 of H2_READS reads at distinct offsets, in ms).
 #   S1  serving a hydrated clone: fio ioengine=nbd 4 KiB randread and
-#       randwrite at iodepth 32, and 1 MiB sequential read, vs nbdkit file
-#       and qemu-nbd -f raw serving the destination file directly.
+#       randwrite at iodepth 32, and 1 MiB sequential read and write, vs
+#       nbdkit file and qemu-nbd -f raw serving the destination file directly.
 set -euo pipefail
 
 BIN=$(realpath "${1:-bin/nbdclone}")
@@ -79,6 +87,83 @@ for _ in $(seq "$REPS"); do
 done
 cmp "$OUT/src.img" "$OUT/dst.img" || { echo "bench: hydrated destination differs from the source" >&2; exit 1; }
 
+echo "bench: H2 hydration from an NBD source" >&2
+H2_READS=${H2_READS:-300}
+NBDPY=python3
+python3 -c 'import nbd' 2>/dev/null || NBDPY=/usr/bin/python3 # pyenv pythons lack libnbd's module
+nbdkit -f -U "$OUT/src.sock" file "$OUT/src.img" &
+PIDS+=($!)
+nbdkit -f -U "$OUT/srcd.sock" --filter=delay file "$OUT/src.img" rdelay=2ms &
+PIDS+=($!)
+for _ in $(seq 100); do [ -S "$OUT/src.sock" ] && [ -S "$OUT/srcd.sock" ] && break; sleep 0.1; done
+h2_clone() { # source URI → seconds from create to hydrated and committed
+  rm -rf "$OUT/md2" "$OUT/dst2.img"
+  truncate -s "${SIZE_MB}M" "$OUT/dst2.img"
+  sync
+  local t0 t1
+  t0=$(now)
+  "$BIN" create h2 --table "0 $SECTORS clone $OUT/md2 $OUT/dst2.img $1 $REGION"
+  "$BIN" wait h2
+  t1=$(now)
+  "$BIN" remove h2
+  cmp "$OUT/src.img" "$OUT/dst2.img" || { echo "bench: H2 destination differs from the source" >&2; exit 1; }
+  echo "$t1 - $t0" | bc
+}
+h2_nbdcopy() { # source URI → seconds
+  rm -f "$OUT/cp2.img"; sync
+  local t0 t1
+  t0=$(now); nbdcopy --flush "$1" "$OUT/cp2.img"; t1=$(now)
+  rm -f "$OUT/cp2.img"
+  echo "$t1 - $t0" | bc
+}
+h2_cow() { # [rdelay] → seconds (the overlay lives in TMPDIR)
+  local t0 t1 delay=()
+  [ -n "${1:-}" ] && delay=(--filter=delay)
+  t0=$(now)
+  nbdkit -U - --filter=cow "${delay[@]}" file "$OUT/src.img" cow-on-read=true ${1:+rdelay=$1} --run 'nbdcopy "$uri" null:'
+  t1=$(now)
+  echo "$t1 - $t0" | bc
+}
+ttfb() { # URI → "median p99" of cold 4 KiB reads in ms
+  "$NBDPY" - "$1" "$H2_READS" "$SIZE_MB" <<'PY'
+import nbd, random, statistics, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+n, size = int(sys.argv[2]), int(sys.argv[3]) << 20
+offs = random.Random(1).sample(range(size // 4096), n)
+lat = []
+for o in offs:
+    t0 = time.perf_counter()
+    h.pread(4096, o * 4096)
+    lat.append((time.perf_counter() - t0) * 1000)
+lat.sort()
+print(f"{statistics.median(lat):.4f} {lat[int(len(lat) * 0.99) - 1]:.4f}")
+PY
+}
+for _ in $(seq "$REPS"); do
+  record "H2 hydrate from nbdkit (s)" nbdclone "$(h2_clone "nbd+unix:///?socket=$OUT/src.sock")"
+  record "H2 hydrate from nbdkit (s)" "nbdcopy --flush" "$(h2_nbdcopy "nbd+unix:///?socket=$OUT/src.sock")"
+  record "H2 hydrate from nbdkit (s)" "nbdkit cow-on-read + nbdcopy" "$(h2_cow)"
+  record "H2 hydrate from nbdkit rdelay=2ms (s)" nbdclone "$(h2_clone "nbd+unix:///?socket=$OUT/srcd.sock")"
+  record "H2 hydrate from nbdkit rdelay=2ms (s)" "nbdcopy --flush" "$(h2_nbdcopy "nbd+unix:///?socket=$OUT/srcd.sock")"
+  record "H2 hydrate from nbdkit rdelay=2ms (s)" "nbdkit cow-on-read + nbdcopy" "$(h2_cow 2ms)"
+done
+# Time to first byte: reads of cold regions (no_hydration keeps them cold).
+for src in "src" "srcd"; do
+  rm -rf "$OUT/md2"; truncate -s "${SIZE_MB}M" "$OUT/dst2.img"
+  "$BIN" create h2 --table "0 $SECTORS clone $OUT/md2 $OUT/dst2.img nbd+unix:///?socket=$OUT/$src.sock $REGION 1 no_hydration"
+  label="H2 TTFB cold 4K read, nbdkit"
+  [ "$src" = srcd ] && label="H2 TTFB cold 4K read, nbdkit rdelay=2ms"
+  for _ in $(seq "$REPS"); do
+    read -r med p99 <<<"$(ttfb "nbd+unix:///h2?socket=$OUT/nbd.sock")"
+    record "$label median (ms)" nbdclone "$med"; record "$label p99 (ms)" nbdclone "$p99"
+    read -r med p99 <<<"$(ttfb "nbd+unix:///?socket=$OUT/$src.sock")"
+    record "$label median (ms)" "source itself" "$med"; record "$label p99 (ms)" "source itself" "$p99"
+  done
+  "$BIN" remove h2
+done
+rm -f "$OUT/dst2.img"
+
 echo "bench: S1 serving a hydrated clone" >&2
 rm -rf "$OUT/md"
 "$BIN" create h --table "0 $SECTORS clone $OUT/md $OUT/dst.img $OUT/src.img $REGION 0 4 $TUNING"
@@ -99,7 +184,7 @@ fio_once() { # uri rw bs depth → IOPS (or MiB/s for sequential)
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 side = j["write"] if "write" in sys.argv[2] else j["read"]
-print(side["bw_bytes"] / 2**20 if sys.argv[2] == "read" else side["iops"])
+print(side["bw_bytes"] / 2**20 if sys.argv[2] in ("read", "write") else side["iops"])
 PY
 }
 for _ in $(seq "$REPS"); do
@@ -107,6 +192,7 @@ for _ in $(seq "$REPS"); do
     record "S1 4K randread QD32 (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randread 4k 32)"
     record "S1 4K randwrite QD32 (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randwrite 4k 32)"
     record "S1 1M seq read QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" read 1M 8)"
+    record "S1 1M seq write QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" write 1M 8)"
   done
 done
 "$BIN" remove h --force
@@ -127,7 +213,7 @@ for case, whos in cases.items():
     for w, m in med.items():
         ratio = (ours / m) if w != "nbdclone" else 1.0
         note = "" if w == "nbdclone" else (" (≥1 is better)" if higher_better else " (≤1 is better)")
-        unit = "" if higher_better else " s"
+        unit = "" if higher_better else (" ms" if "(ms)" in case else " s")
         print(f"| {case} | {w} | {m:.3f}{unit} | {len(whos[w])} | {ratio:.2f}{note} |")
     out[case] = {"median": med, "runs": whos}
 json.dump(out, open(sys.argv[2], "w"), indent=1)

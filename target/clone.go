@@ -36,6 +36,10 @@ type cloneConfig struct {
 	regionSectors                      uint64
 	hydration, passdown                bool
 	threshold, batchSize               uint32
+	autoLinear                         bool // ours: swap to linear once hydrated (the daemon does it)
+
+	readHints bool  // ours: reads of unhydrated regions queue them (no_read_hints turns it off)
+	rate      int64 // ours: hydration_rate, bytes/s; 0 is no limit
 }
 
 // clone is dm-clone's I/O mapping: reads of unhydrated regions go to the
@@ -73,7 +77,13 @@ type clone struct {
 	stats struct {
 		background, write, overwrite, discard, zero, cache atomic.Int64
 		sourceRead                                         atomic.Int64
+		hint                                               atomic.Int64
 	}
+
+	// A remote source's needs: its window, and CACHE batches that use it.
+	remote                    blockdev.Remote // nil for a local source
+	sourceID                  string
+	cacheBatch, cacheParallel uint64
 
 	closeOnce sync.Once
 	closeErr  error
@@ -160,8 +170,10 @@ func newClone(ctx context.Context, t Table, env Env) (Target, error) {
 
 	cfg.hydration, cfg.passdown = true, true
 	cfg.threshold, cfg.batchSize = defaultHydrationThreshold, defaultHydrationBatchSize
+	cfg.readHints = true
 	rest = rest[1:]
-	nf, rest, err := readArgGroup(rest, 2, "Invalid number of feature arguments")
+	// dm-clone's two features, and ours: no_read_hints, auto_linear.
+	nf, rest, err := readArgGroup(rest, 4, "Invalid number of feature arguments")
 	if err != nil {
 		return fail(err, dst, src)
 	}
@@ -171,12 +183,17 @@ func newClone(ctx context.Context, t Table, env Env) (Target, error) {
 			cfg.hydration = false
 		case "no_discard_passdown":
 			cfg.passdown = false
+		case "no_read_hints": // ours: reads of unhydrated regions are not hydration hints
+			cfg.readHints = false
+		case "auto_linear": // ours: the daemon swaps to linear once hydrated
+			cfg.autoLinear = true
 		default:
 			return fail(dmErr("Invalid feature argument", nil), dst, src)
 		}
 	}
 	rest = rest[nf:]
-	nc, rest, err := readArgGroup(rest, 4, "Invalid number of core arguments")
+	// dm-clone's two key/value pairs, and ours: hydration_rate.
+	nc, rest, err := readArgGroup(rest, 6, "Invalid number of core arguments")
 	if err != nil {
 		return fail(err, dst, src)
 	}
@@ -196,6 +213,12 @@ func newClone(ctx context.Context, t Table, env Env) (Target, error) {
 			} else {
 				cfg.batchSize = uint32(v)
 			}
+		case "hydration_rate": // ours: bytes/s, 0 is no limit
+			v, err := strconv.ParseUint(rest[i+1], 10, 63)
+			if err != nil {
+				return fail(dmErr(fmt.Sprintf("Invalid value for argument `%s'", key), nil), dst, src)
+			}
+			cfg.rate = int64(v)
 		default:
 			return fail(dmErr("Invalid core argument", nil), dst, src)
 		}
@@ -207,9 +230,13 @@ func newClone(ctx context.Context, t Table, env Env) (Target, error) {
 		return fail(dmErr(fmt.Sprintf("Invalid number of arguments: unexpected %q", strings.Join(rest, " ")), nil), dst, src)
 	}
 
+	var sourceID string
+	if id, ok := src.(blockdev.Identifier); ok {
+		sourceID = id.SourceID()
+	}
 	md, err := metadata.Open(metadata.Options{
 		Dir: cfg.metadataPath, TargetSize: length, RegionSize: geom.RegionSize(),
-		Source: cfg.sourceSpec, SourceSize: src.Size(), Logger: log,
+		Source: cfg.sourceSpec, SourceSize: src.Size(), SourceID: sourceID, Logger: log,
 		WrapKV: env.MetadataKV,
 	})
 	if err != nil {
@@ -228,18 +255,33 @@ func newClone(ctx context.Context, t Table, env Env) (Target, error) {
 		dst:       dst,
 		md:        md,
 		locks:     regions.NewLocks(),
-		copier:    hydrate.NewCopier(src, dst, 0),
+		sourceID:  sourceID,
 		group:     newSyncGroup(),
 		commitReq: make(chan struct{}, 1),
 		events:    make(chan struct{}),
 	}
 	c.passdown.Store(cfg.passdown)
 	c.suspended.Store(true)
+	// A remote source gets its window in flight whatever the threshold
+	// (latency hiding); a local one keeps dm-clone's semantics exactly.
+	var window, request int64
+	if r, ok := src.(blockdev.Remote); ok {
+		c.remote = r
+		window, request = r.Window()
+	}
+	chunk := max(int64(hydrate.DefaultChunk), request)
+	c.copier = hydrate.NewCopier(src, dst, hydrate.CopierOptions{Chunk: int(chunk), InFlightBytes: window})
+	c.cacheBatch = max(uint64(cfg.batchSize), uint64(max(1, chunk/geom.RegionSize())))
+	c.cacheParallel = uint64(max(1, window/(int64(c.cacheBatch)*geom.RegionSize())))
 	c.sweeper = hydrate.NewSweeper(c, hydrate.Options{
-		Enabled:   cfg.hydration,
-		Threshold: cfg.threshold,
-		BatchSize: cfg.batchSize,
-		Logger:    log,
+		Enabled:       cfg.hydration,
+		Threshold:     cfg.threshold,
+		BatchSize:     cfg.batchSize,
+		RegionSize:    geom.RegionSize(),
+		WindowBytes:   window,
+		MinBatchBytes: request,
+		Rate:          cfg.rate,
+		Logger:        log,
 
 		MaxErrors:    env.Sweep.MaxErrors,
 		Backoff:      env.Sweep.Backoff,
@@ -333,15 +375,31 @@ func (c *clone) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return c.runs(off, int64(len(p)), func(hydrated bool, o, n int64) error {
 		buf := p[o-off : o-off+n]
 		if hydrated {
-			return readFull(c.dst, buf, o, "destination")
+			return readFull(ctx, c.dst, buf, o, "destination")
 		}
 		c.stats.sourceRead.Add(n)
-		return readFull(c.src, buf, o, "source")
+		if err := readFull(ctx, c.src, buf, o, "source"); err != nil {
+			return err
+		}
+		if c.cfg.readHints {
+			// Reads as hints (dm-clone known issue 1): the next read of
+			// these regions should not go to the source again.
+			first := c.geom.Region(o)
+			c.sweeper.Hint(first, c.geom.Region(o+n-1)-first+1)
+		}
+		return nil
 	})
 }
 
-func readFull(r io.ReaderAt, p []byte, off int64, what string) error {
-	n, err := r.ReadAt(p, off)
+// readFull reads all of p; a source that can abandon a read gets ctx.
+func readFull(ctx context.Context, r io.ReaderAt, p []byte, off int64, what string) error {
+	var n int
+	var err error
+	if cr, ok := r.(blockdev.ContextReader); ok {
+		n, err = cr.ReadAtContext(ctx, p, off)
+	} else {
+		n, err = r.ReadAt(p, off)
+	}
 	if n == len(p) {
 		return nil
 	}
@@ -635,8 +693,11 @@ func (c *clone) commitIfChanged() error {
 	return c.group.do(c.commit)
 }
 
-// Cache hydrates the unhydrated regions of the range now (NBD_CMD_CACHE): an
-// explicit request, served even with background hydration disabled.
+// Cache hydrates the unhydrated regions of the range before it returns
+// (NBD_CMD_CACHE): an explicit request, served even with background
+// hydration disabled, with priority (no throttle, not held back by user
+// I/O), in batches of contiguous regions with a remote source's window in
+// flight.
 func (c *clone) Cache(ctx context.Context, off, n int64) error {
 	if err := c.check(off, n); err != nil {
 		return err
@@ -647,9 +708,32 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 	c.enter()
 	defer c.exit()
 	last := c.geom.Region(off + n - 1)
-	for r := c.md.NextUnhydrated(c.geom.Region(off)); r <= last && r < c.geom.NrRegions(); r = c.md.NextUnhydrated(r + 1) {
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		firstErr error
+	)
+	failed := func(err error) {
+		mu.Lock()
+		if firstErr == nil {
+			firstErr = err
+		}
+		mu.Unlock()
+	}
+	slots := make(chan struct{}, c.cacheParallel)
+	for r := c.md.NextUnhydrated(c.geom.Region(off)); r <= last && r < c.geom.NrRegions(); r = c.md.NextUnhydrated(r) {
+		mu.Lock()
+		stop := firstErr != nil
+		mu.Unlock()
+		if stop {
+			break
+		}
+		// The first region waits for a copy in flight on it; followers
+		// are only taken when free, so no lock is waited for while others
+		// are held.
 		if err := c.locks.Lock(ctx, r); err != nil {
-			return err
+			failed(err)
+			break
 		}
 		if c.md.IsHydrated(r) {
 			c.locks.Unlock(r)
@@ -657,27 +741,59 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 		}
 		if c.md.Mode() != metadata.ModeRW {
 			c.locks.Unlock(r)
-			return nil // a hint: nothing to record
+			break // a hint: nothing to record
 		}
-		c.onDemand.Add(1)
-		err := c.copyRegions(ctx, r, 1)
-		c.onDemand.Add(-1)
-		c.locks.Unlock(r)
-		if err != nil {
-			return err
+		count := uint64(1)
+		for count < c.cacheBatch && r+count <= last && !c.md.IsHydrated(r+count) && c.locks.TryLock(r+count) {
+			if c.md.IsHydrated(r + count) {
+				c.locks.Unlock(r + count)
+				break
+			}
+			count++
 		}
-		c.stats.cache.Add(c.geom.Len(r))
+		acquired := false
+		select {
+		case slots <- struct{}{}:
+			acquired = true
+		case <-ctx.Done():
+			failed(ctx.Err())
+		}
+		mu.Lock()
+		stop = firstErr != nil
+		mu.Unlock()
+		if stop {
+			c.unlockRun(r, count)
+			if acquired {
+				<-slots
+			}
+			break
+		}
+		c.onDemand.Add(int64(count))
+		start := r
+		wg.Go(func() {
+			defer func() { <-slots }()
+			err := c.copyRegions(ctx, start, count)
+			c.onDemand.Add(-int64(count))
+			c.unlockRun(start, count)
+			if err != nil {
+				failed(err)
+				return
+			}
+			c.stats.cache.Add(c.geom.RangeLen(start, count))
+		})
+		r += count
 	}
-	return nil
+	wg.Wait()
+	return firstErr
 }
 
 // Planner for the background sweep.
 
 func (c *clone) NrRegions() uint64 { return c.geom.NrRegions() }
 
-func (c *clone) Claim(from, maxCount uint64) (uint64, uint64) {
+func (c *clone) Claim(from, limit, maxCount uint64) (uint64, uint64) {
 	n := c.geom.NrRegions()
-	for r := c.md.NextUnhydrated(from); r < n; r = c.md.NextUnhydrated(r + 1) {
+	for r := c.md.NextUnhydrated(from); r < min(n, limit); r = c.md.NextUnhydrated(r + 1) {
 		if !c.locks.TryLock(r) {
 			continue
 		}
@@ -698,12 +814,16 @@ func (c *clone) Claim(from, maxCount uint64) (uint64, uint64) {
 	return 0, 0
 }
 
-func (c *clone) Hydrate(ctx context.Context, start, count uint64) error {
+func (c *clone) Hydrate(ctx context.Context, start, count uint64, cause hydrate.Cause) error {
 	defer c.unlockRun(start, count)
 	if err := c.copyRegions(ctx, start, count); err != nil {
 		return err
 	}
-	c.stats.background.Add(c.geom.RangeLen(start, count))
+	if cause == hydrate.CauseHint {
+		c.stats.hint.Add(c.geom.RangeLen(start, count))
+	} else {
+		c.stats.background.Add(c.geom.RangeLen(start, count))
+	}
 	return nil
 }
 
@@ -739,9 +859,22 @@ func (c *clone) Status() string {
 	if !c.passdown.Load() {
 		features = append(features, "no_discard_passdown")
 	}
+	if c.cfg.autoLinear {
+		features = append(features, "auto_linear")
+	}
+	if !c.cfg.readHints {
+		features = append(features, "no_read_hints")
+	}
 	fmt.Fprintf(&b, "%d ", len(features))
 	for _, f := range features {
 		b.WriteString(f + " ")
+	}
+	if st.Rate > 0 {
+		// Ours, after dm-clone's two, and only when set: the default line
+		// stays byte for byte dm-clone's.
+		fmt.Fprintf(&b, "6 hydration_threshold %d hydration_batch_size %d hydration_rate %d %s",
+			st.Threshold, st.BatchSize, st.Rate, c.md.Mode())
+		return b.String()
 	}
 	fmt.Fprintf(&b, "4 hydration_threshold %d hydration_batch_size %d %s", st.Threshold, st.BatchSize, c.md.Mode())
 	return b.String()
@@ -776,6 +909,22 @@ func (c *clone) Message(_ context.Context, args []string) error {
 			c.sweeper.SetBatchSize(uint32(v))
 		}
 		return nil
+	case "hydration_rate": // ours: bytes/s for background and hinted copies, 0 is no limit
+		if len(args) != 2 {
+			return dmErr("Invalid argument", fmt.Errorf("%s takes one value", args[0]))
+		}
+		v, err := strconv.ParseUint(args[1], 10, 63)
+		if err != nil {
+			return dmErr("Invalid argument", fmt.Errorf("%s: %q is not a number of bytes per second", args[0], args[1]))
+		}
+		c.sweeper.SetRate(int64(v))
+		return nil
+	case "retry_hydration": // ours: restart a sweep stopped on errors, keep enabled/disabled
+		if len(args) != 1 {
+			return dmErr("Invalid argument", fmt.Errorf("%s takes no value", args[0]))
+		}
+		c.sweeper.Retry()
+		return nil
 	default:
 		return dmErr(fmt.Sprintf("Unsupported message `%s'", args[0]), nil)
 	}
@@ -785,7 +934,7 @@ func (c *clone) Info() Info {
 	st := c.sweeper.State()
 	used, total := c.md.Blocks()
 	ms := c.md.Stats()
-	return Info{
+	info := Info{
 		Type: "clone",
 		Size: c.geom.TargetSize(),
 		Clone: &CloneInfo{
@@ -802,6 +951,7 @@ func (c *clone) Info() Info {
 			HydrationThreshold: st.Threshold,
 			HydrationBatchSize: st.BatchSize,
 			HydrationStopped:   st.Stopped,
+			AutoLinear:         c.cfg.autoLinear,
 			Mode:               c.md.Mode().String(),
 			MetadataUsed:       used,
 			MetadataTotal:      total,
@@ -820,6 +970,23 @@ func (c *clone) Info() Info {
 				CommitNanosTotal:        ms.CommitNanos,
 			},
 		},
+	}
+	c.remoteInfo(info.Clone, st)
+	return info
+}
+
+// remoteInfo fills in what is ours: hints, throttle, a remote source.
+func (c *clone) remoteInfo(ci *CloneInfo, st hydrate.State) {
+	ci.ReadHints = c.cfg.readHints
+	ci.HydrationRate = st.Rate
+	ci.EffectiveThreshold, ci.EffectiveBatchSize = st.EffectiveThreshold, st.EffectiveBatch
+	ci.QueuedHints = st.QueuedHints
+	ci.SourceID = c.sourceID
+	ci.Stats.HydratedHintBytes = c.stats.hint.Load()
+	ci.Stats.SourceHoleBytes = c.copier.HoleBytes()
+	if c.remote != nil {
+		rs := c.remote.RemoteStats()
+		ci.Remote = &rs
 	}
 }
 

@@ -25,6 +25,17 @@
 //     when covered to the end); a discard covering none is a no-op.
 //   - Modes: in ro, writes needing new metadata fail with EIO and discards
 //     of unhydrated regions are ignored; in Fail every I/O fails with EIO.
+//   - Reads as hints (ours): a read served from the source queues its
+//     regions for hydration ahead of the background sweep, unless
+//     no_read_hints or hydration is off; CACHE hydrates its range before it
+//     returns. Neither changes what a read returns.
+//   - A remote source (blockdev.Remote) gets its window in flight: the
+//     sweep's threshold and batch are raised to it, never from a threshold
+//     of 0; hydration_rate throttles background and hinted copies. The
+//     default status line stays dm-clone's byte for byte: ours appear only
+//     when set (no_read_hints, hydration_rate).
+//   - A pinned source (blockdev.Identifier) that changed is refused at
+//     construction (Failed to load metadata: the source changed).
 //   - A target is built suspended; I/O methods are only called while
 //     resumed (the daemon's gate guarantees it).
 package target

@@ -1,5 +1,7 @@
 package target
 
+import "github.com/nbdclone/nbdclone/blockdev"
+
 // Info is a structured snapshot of a target, for JSON status, metrics and
 // progress. Counters only grow for the life of the target.
 type Info struct {
@@ -30,6 +32,23 @@ type CloneInfo struct {
 	// HydrationStopped says why background hydration stopped by itself
 	// (bounded copy errors); empty while it runs or is merely disabled.
 	HydrationStopped string `json:"hydration_stopped,omitempty"`
+	// AutoLinear is the auto_linear feature (ours): the daemon swaps the
+	// device to "linear <destination> 0" as soon as Hydrated.
+	AutoLinear bool `json:"auto_linear,omitempty"`
+
+	// Ours: reads as hints, the throttle, a remote source's window.
+	ReadHints     bool  `json:"read_hints"`               // no_read_hints turns it off
+	HydrationRate int64 `json:"hydration_rate,omitempty"` // bytes/s; 0 is no limit
+	// EffectiveThreshold and EffectiveBatchSize are in force now: a remote
+	// source's window raises the ones set (never from a threshold of 0).
+	EffectiveThreshold uint64 `json:"effective_hydration_threshold"`
+	EffectiveBatchSize uint64 `json:"effective_hydration_batch_size"`
+	QueuedHints        int    `json:"queued_hints"`
+	// SourceID pins an http(s) source's version (ETag, or Last-Modified and
+	// size); empty where the source cannot be pinned.
+	SourceID string `json:"source_id,omitempty"`
+	// Remote are a remote source's counters (absent for local sources).
+	Remote *blockdev.RemoteStats `json:"remote,omitempty"`
 
 	Mode          string `json:"mode"` // "rw", "ro" or "Fail"
 	MetadataUsed  uint64 `json:"metadata_used_blocks"`
@@ -47,9 +66,13 @@ type CloneStats struct {
 	HydratedDiscardBytes    int64 `json:"hydrated_discard_bytes"`   // skipped by discard, nothing copied
 	HydratedZeroBytes       int64 `json:"hydrated_zero_bytes"`      // whole regions zeroed, nothing copied
 	HydratedCacheBytes      int64 `json:"hydrated_cache_bytes"`     // copied for NBD_CMD_CACHE
+	HydratedHintBytes       int64 `json:"hydrated_hint_bytes"`      // copied ahead of the sweep: reads hinted them
 
 	SourceReadBytes int64 `json:"source_read_bytes"` // user reads served from the source
 	SourceCopyBytes int64 `json:"source_copy_bytes"` // bytes read from the source by copies
+	// SourceHoleBytes were hydrated by zeroing the destination: the source
+	// reported them as holes (BLOCK_STATUS, SEEK_HOLE), nothing was read.
+	SourceHoleBytes int64 `json:"source_hole_bytes"`
 
 	CopyErrors       uint64 `json:"copy_errors"`
 	Commits          uint64 `json:"metadata_commits"`

@@ -6,10 +6,13 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nbdclone/nbdclone/blockdev"
 )
@@ -64,6 +67,14 @@ func runModel(t *testing.T, seed uint64, opsPerWorker int) {
 	tail := rng.Int64N(regionSize/512) * 512
 	size := nrFull*regionSize + tail
 	f := newFixture(t, size, seed)
+	// Half the runs use a source that looks remote: a window in flight
+	// (parallel chunks, a raised threshold), holes it reports (zeroed, not
+	// copied), reads as hints.
+	remote := rng.IntN(2) == 0
+	if remote {
+		punchSourceHoles(t, f, rng, regionSize)
+	}
+	t.Logf("seed %d: region %d B, size %d B, remote source %v", seed, regionSize, size, remote)
 	// Hydration starts enabled and slow, so copies are in flight while
 	// the workers write, zero and discard.
 	tb, err := ParseTable(f.line(regionSectors, "0 4 hydration_threshold 4 hydration_batch_size 2"))
@@ -77,7 +88,14 @@ func runModel(t *testing.T, seed uint64, opsPerWorker int) {
 	open := env.OpenSource
 	env.OpenSource = func(ctx context.Context, spec string) (blockdev.Reader, error) {
 		src, err := open(ctx, spec)
-		return slowReader{src}, err
+		if err != nil {
+			return nil, err
+		}
+		if remote {
+			m := src.(countingReader).Reader.(blockdev.Mapper)
+			return remoteReader{Reader: slowReader{src}, window: 8 * regionSize, request: 2 * regionSize, mapper: m}, nil
+		}
+		return slowReader{src}, nil
 	}
 	tg, err := Build(bg, tb, env)
 	if err != nil {
@@ -131,6 +149,7 @@ func runModel(t *testing.T, seed uint64, opsPerWorker int) {
 	// Hydrate everything and check the clone and the destination.
 	c.Message(bg, []string{"hydration_threshold", "64"})
 	c.Message(bg, []string{"hydration_batch_size", "8"})
+	c.Message(bg, []string{"hydration_rate", "0"})
 	c.Message(bg, []string{"enable_hydration"})
 	waitHydrated(t, c, 60*time.Second)
 	got := mustRead(t, c, 0, size)
@@ -151,6 +170,25 @@ func runModel(t *testing.T, seed uint64, opsPerWorker int) {
 	}
 	if i := firstDiff(mustRead(t, c2, 0, size), m); i >= 0 {
 		fail("after reopen, byte %d differs", i)
+	}
+}
+
+// punchSourceHoles punches a few regions' worth of holes (some not region
+// aligned) into the fixture's source, keeping srcData in step.
+func punchSourceHoles(t *testing.T, f *fixture, rng *rand.Rand, regionSize int64) {
+	t.Helper()
+	fd, err := os.OpenFile(f.src, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fd.Close()
+	for range 4 {
+		off := rng.Int64N(f.size/4096) * 4096
+		n := min(f.size-off, (1+rng.Int64N(4))*regionSize)
+		if err := unix.Fallocate(int(fd.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+			t.Fatalf("punching the source: %v", err)
+		}
+		clear(f.srcData[off : off+n])
 	}
 }
 
@@ -281,6 +319,8 @@ func modelStep(c *clone, m *model, r *rand.Rand, lo, hi int64, gate *sync.RWMute
 			{"enable_hydration"}, {"disable_hydration"},
 			{"hydration_threshold", fmt.Sprint(r.IntN(9))},
 			{"hydration_batch_size", fmt.Sprint(r.IntN(6))},
+			{"hydration_rate", fmt.Sprint([]int{0, 64 << 10, 1 << 20}[r.IntN(3)])},
+			{"retry_hydration"},
 		}
 		msg := msgs[r.IntN(len(msgs))]
 		log.add("w%d#%d message %v", w, i, msg)

@@ -63,12 +63,12 @@ func TestConstructorErrorsViaCLI(t *testing.T) {
 		{"region 24", ok("24"), "Region size is not a power of 2"},
 		{"region 4097", ok("4097"), "Region size is not a power of 2"},
 		// 7. features
-		{"3 features", ok("8 3 no_hydration no_discard_passdown no_hydration"), "Invalid number of feature arguments"},
+		{"5 features", ok("8 5 no_hydration no_discard_passdown no_read_hints auto_linear no_hydration"), "Invalid number of feature arguments"},
 		{"features missing", ok("8 2 no_hydration"), "Invalid number of feature arguments"},
 		{"feature count word", ok("8 one no_hydration"), "Invalid number of feature arguments"},
 		{"unknown feature", ok("8 1 hydrate"), "Invalid feature argument"},
 		// 8. core arguments
-		{"6 core args", ok("8 0 6 hydration_threshold 1 hydration_batch_size 1 a b"), "Invalid number of core arguments"},
+		{"8 core args", ok("8 0 8 hydration_threshold 1 hydration_batch_size 1 hydration_rate 1 a b"), "Invalid number of core arguments"},
 		{"core args missing", ok("8 0 4 hydration_threshold 1"), "Invalid number of core arguments"},
 		{"odd core args", ok("8 0 1 hydration_threshold"), "Number of core arguments must be even"},
 		{"3 core args", ok("8 1 no_hydration 3 hydration_threshold 1 hydration_batch_size"), "Number of core arguments must be even"},

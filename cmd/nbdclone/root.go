@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -29,7 +30,7 @@ Tables are dm table lines, one target per device, starting at sector 0
 (sectors are 512 bytes):
 
   0 <length> clone <metadata> <destination> <source> <region size>
-      [<#features> [no_hydration] [no_discard_passdown]
+      [<#features> [no_hydration] [no_discard_passdown] [auto_linear]
       [<#core args> [hydration_threshold <n>] [hydration_batch_size <n>]]]
   0 <length> linear <device> <offset>
 
@@ -94,6 +95,8 @@ func newRootCmd(e *env) *cobra.Command {
 		c.removeCmd(),
 		c.lsCmd(),
 		c.waitCmd(),
+		c.attachCmd(),
+		c.detachCmd(),
 	)
 	return root
 }
@@ -192,7 +195,10 @@ NAME is 1 to 64 characters of A-Z a-z 0-9 _ . + - (not "." or "..").
 }
 
 func (c *cli) loadCmd() *cobra.Command {
-	var table string
+	var (
+		table string
+		force bool
+	)
 	cmd := &cobra.Command{
 		Use:   "load NAME",
 		Short: "Load a table into a device's inactive slot",
@@ -204,6 +210,10 @@ the swap): it is built at resume, and if it fails then, the old table is
 restored and resume reports the error. Loading again replaces the inactive
 table. The length must equal the device's: NBD clients cannot see a size
 change.
+
+A linear table over a clone that is not fully hydrated is refused: the
+destination's unhydrated regions hold whatever was there before, not the
+source's data. Wait for hydration ("nbdclone wait NAME"), or give --force.
 
 ` + tableHelp,
 		Example: `  nbdclone suspend clone
@@ -220,11 +230,12 @@ change.
 				return err
 			}
 			return c.withClient(cmd.Context(), func(cl *daemon.Client) error {
-				return cl.Load(cmd.Context(), a[0], line, dir)
+				return cl.LoadForce(cmd.Context(), a[0], line, dir, force)
 			})
 		},
 	}
 	cmd.Flags().StringVar(&table, "table", "", "the table line (default: read from stdin)")
+	cmd.Flags().BoolVar(&force, "force", false, "load a linear table over a clone that is not fully hydrated")
 	return cmd
 }
 
@@ -523,13 +534,17 @@ func printList(w io.Writer, devs []daemon.Device) error {
 		_, err := fmt.Fprintln(w, "No devices found")
 		return err
 	}
-	anyFailed := false
+	anyFailed, anyAttached := false, false
 	for _, d := range devs {
 		anyFailed = anyFailed || d.State == daemon.StateFailed
+		anyAttached = anyAttached || d.Attached != ""
 	}
 	var buf strings.Builder
 	tw := tabwriter.NewWriter(&buf, 0, 8, 2, ' ', 0)
 	header := "NAME\tEXPORT\tSTATE\tCONNECTIONS"
+	if anyAttached {
+		header += "\tATTACHED"
+	}
 	if anyFailed {
 		header += "\tERROR"
 	}
@@ -540,6 +555,9 @@ func printList(w io.Writer, devs []daemon.Device) error {
 			uri = d.URIs[0]
 		}
 		row := fmt.Sprintf("%s\t%s\t%s\t%d", d.Name, uri, d.State, d.Connections)
+		if anyAttached {
+			row += "\t" + cmp.Or(d.Attached, "-")
+		}
 		if anyFailed {
 			row += "\t" + d.Error
 		}

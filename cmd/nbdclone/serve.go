@@ -20,6 +20,8 @@ func (c *cli) serveCmd() *cobra.Command {
 		pprof     bool
 		logFormat string
 		logLevel  string
+		onEvent   string
+		tlsCfg    daemon.TLSConfig
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -39,9 +41,20 @@ and resumed. A device that cannot be rebuilt is listed as failed by
 
 On SIGINT or SIGTERM the daemon stops accepting connections, drains and
 suspends every device (committing metadata), disconnects NBD clients and
-exits 0. Logs go to stderr.`,
+exits 0. Logs go to stderr.
+
+TLS (NBD_OPT_STARTTLS) is off by default. --tls on offers it, --tls require
+insists on it: until a client has started TLS it gets NBD_REP_ERR_TLS_REQD
+for every option, so not even the export list is shown. Both need the
+server's certificate and key (PEM); --tls-verify-peer also requires every
+client to present a certificate signed by --tls-ca. libnbd clients connect
+with nbds+unix:// or nbds:// URIs and ?tls-certificates=DIR (a directory
+holding ca-cert.pem, and client-cert.pem and client-key.pem when the server
+verifies peers).`,
 		Example: `  nbdclone serve
-  nbdclone serve --listen unix:/run/nbdclone/nbd.sock --listen tcp:127.0.0.1:10809 --metrics tcp:127.0.0.1:9810`,
+  nbdclone serve --listen unix:/run/nbdclone/nbd.sock --listen tcp:127.0.0.1:10809 --metrics tcp:127.0.0.1:9810
+  nbdclone serve --listen tcp:0.0.0.0:10809 --tls require --tls-cert server-cert.pem --tls-key server-key.pem \
+      --tls-verify-peer --tls-ca ca-cert.pem`,
 		Args: args(0, 0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			logger, err := newLogger(c.env, logFormat, logLevel)
@@ -51,6 +64,11 @@ exits 0. Logs go to stderr.`,
 			for i, l := range listen {
 				if p, ok := strings.CutPrefix(l, "unix:"); ok {
 					listen[i] = "unix:" + c.absPath(p)
+				}
+			}
+			for _, p := range []*string{&tlsCfg.Cert, &tlsCfg.Key, &tlsCfg.CA} {
+				if *p != "" {
+					*p = c.absPath(*p)
 				}
 			}
 			reg := prometheus.NewRegistry()
@@ -64,10 +82,15 @@ exits 0. Logs go to stderr.`,
 				Logger:     logger,
 				Registerer: reg,
 				Gatherer:   reg,
+				OnEvent:    onEvent,
+				TLS:        tlsCfg,
 			})
 			if err != nil {
 				return err
 			}
+			ran := make(chan struct{})
+			defer close(ran)
+			go notifyReady(d, ran, c.env.getenv, logger) // systemd Type=notify
 			return d.Run(cmd.Context())
 		},
 	}
@@ -78,6 +101,12 @@ exits 0. Logs go to stderr.`,
 	f.BoolVar(&pprof, "pprof", false, "also serve Go's profiler at /debug/pprof/ on the --metrics listener")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.StringVar(&onEvent, "on-event", "", "shell command run on each event (hydrated, linear, auto_linear_failed, hydration_stopped), with $NBDCLONE_EVENT, $NBDCLONE_DEVICE, $NBDCLONE_NBD, $NBDCLONE_TABLE, $NBDCLONE_DETAIL")
+	f.StringVar(&tlsCfg.Mode, "tls", "off", "TLS for NBD clients: off, on (offered) or require")
+	f.StringVar(&tlsCfg.Cert, "tls-cert", "", "PEM server certificate (with its chain), for --tls on|require")
+	f.StringVar(&tlsCfg.Key, "tls-key", "", "PEM private key of --tls-cert")
+	f.StringVar(&tlsCfg.CA, "tls-ca", "", "PEM CA certificates that client certificates must chain to (with --tls-verify-peer)")
+	f.BoolVar(&tlsCfg.VerifyPeer, "tls-verify-peer", false, "require a client certificate signed by --tls-ca")
 	return cmd
 }
 

@@ -1,0 +1,57 @@
+package daemon
+
+import (
+	"context"
+
+	"github.com/nbdclone/nbdclone/nbdserver"
+)
+
+// registryHooks are the daemon's extensions to the registry's operations:
+// /dev/nbdX attachments (attach.go) and auto_linear (autolinear.go). A
+// registry without a daemon (unit tests) has none: every field may be nil.
+type registryHooks struct {
+	// live is told that a table became d's live table (create, restore,
+	// resume of a loaded table).
+	live func(d *device)
+	// attached is the /dev/nbdX device name is attached to, or "".
+	attached func(name string) string
+	// removing runs before a remove takes the device away: it refuses
+	// while the device is attached, or detaches it when forced.
+	removing func(ctx context.Context, name string, force bool) error
+	// autoLinearPending returns, for a hydrated auto_linear clone, a
+	// channel closed when its swap to linear is over (nil: nothing is
+	// pending), and the last failure of that swap.
+	autoLinearPending func(d *device) (<-chan struct{}, error)
+}
+
+func (r *registry) tableLive(d *device) {
+	if r.hooks.live != nil {
+		r.hooks.live(d)
+	}
+}
+
+// hookUp builds the daemon's extensions and plugs them into the registry.
+func (d *Daemon) hookUp() {
+	d.att = newAttacher(d.log, d.reg, d.cfg.StateDir)
+	d.events = newEventRunner(d.log, d.cfg.OnEvent)
+	d.auto = newAutoLinear(d.log, d.reg, d.events, d.goFunc)
+	d.reg.hooks = registryHooks{
+		live:              d.auto.live,
+		attached:          d.att.attachedTo,
+		removing:          d.att.removing,
+		autoLinearPending: d.auto.pending,
+	}
+}
+
+// startHooks runs once the devices are restored, before the daemon is
+// ready: attachments are served and reconnected, events and auto_linear
+// swaps start (a clone that finished while the daemon was down is swapped
+// now).
+func (d *Daemon) startHooks(ctx, nbdCtx context.Context) {
+	// In-process socket pairs: trusted, never asked for TLS.
+	plain := nbdserver.TLSOff
+	d.goFunc(func() { d.srv.ServeListener(nbdCtx, d.att.listener, nbdserver.ListenerOptions{TLS: &plain}) })
+	d.goFunc(func() { d.events.run(ctx) })
+	d.att.restore(ctx)
+	d.auto.start(ctx)
+}
