@@ -352,6 +352,15 @@ func parseRequests(in []byte) (map[uint64]sentRequest, bool) {
 }
 
 func checkReplies(t *testing.T, out []byte, reqs map[uint64]sentRequest, disc, structured bool) {
+	if reqs == nil {
+		// A handle was reused: a successful read reply's payload length
+		// depends on which request it answers, so the stream cannot be
+		// framed. Only its first reply can be checked.
+		if len(out) >= 4 && be.Uint32(out) != simpleReplyMagic && be.Uint32(out) != structuredReplyMagic {
+			t.Fatalf("reply magic %#x", be.Uint32(out))
+		}
+		return
+	}
 	done := map[uint64]int{}
 	if !disc {
 		// The connection was dropped (bad magic, truncated payload):

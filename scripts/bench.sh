@@ -18,7 +18,9 @@
 #       export to a local file, and vs nbdkit's cow filter (cow-on-read=true)
 #       read through by nbdcopy. Then the time to the first byte of a cold
 #       4 KiB read through a clone vs a read from the source itself (median
-#       and p99 of H2_READS reads at distinct offsets, in ms).
+#       and p99 of H2_READS reads at distinct offsets, in ms). Last, fio 4 KiB
+#       random reads (QD32) of hydrated regions while hydration from a source
+#       behind rdelay=5ms runs, vs the same with hydration disabled.
 #   S1  serving a hydrated clone: fio ioengine=nbd 4 KiB randread and
 #       randwrite at iodepth 32, and 1 MiB sequential read and write, vs
 #       nbdkit file and qemu-nbd -f raw serving the destination file directly.
@@ -162,6 +164,26 @@ for src in "src" "srcd"; do
   done
   "$BIN" remove h2
 done
+# Reads of hydrated regions while hydration from a slow source runs.
+nbdkit -f -U "$OUT/srcd5.sock" --filter=delay file "$OUT/src.img" rdelay=5ms &
+PIDS+=($!)
+for _ in $(seq 100); do [ -S "$OUT/srcd5.sock" ] && break; sleep 0.1; done
+rm -rf "$OUT/md2"; truncate -s "${SIZE_MB}M" "$OUT/dst2.img"
+"$BIN" create h2 --table "0 $SECTORS clone $OUT/md2 $OUT/dst2.img nbd+unix:///?socket=$OUT/srcd5.sock $REGION 1 no_hydration"
+"$NBDPY" -c "import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.cache($((SIZE_MB / 4)) << 20, 0)" \
+  "nbd+unix:///h2?socket=$OUT/nbd.sock" # the first quarter hydrated
+h2_fio() { # → IOPS of 4 KiB random reads in the hydrated quarter
+  fio --name=b --ioengine=nbd --uri="nbd+unix:///h2?socket=$OUT/nbd.sock" --rw=randread --bs=4k --iodepth=32 \
+    --size="$((SIZE_MB / 4))M" --runtime="$FIO_SECONDS" --time_based --output-format=json --output="$OUT/fio2.json" >/dev/null 2>&1
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"])' "$OUT/fio2.json"
+}
+for _ in $(seq "$REPS"); do
+  "$BIN" message h2 0 disable_hydration
+  record "H2 4K randread QD32 of hydrated regions (IOPS)" "hydration disabled" "$(h2_fio)"
+  "$BIN" message h2 0 enable_hydration
+  record "H2 4K randread QD32 of hydrated regions (IOPS)" nbdclone "$(h2_fio)"
+done
+"$BIN" remove h2
 rm -f "$OUT/dst2.img"
 
 echo "bench: S1 serving a hydrated clone" >&2

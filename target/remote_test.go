@@ -123,8 +123,14 @@ func TestNoReadHintsAndNoHydrationQueueNothing(t *testing.T) {
 		{"1 no_hydration", 0},
 	} {
 		f := newFixture(t, 16*4096, 31)
-		c := f.build(t, 8, tc.features)
-		c.sweeper.Pause() // hints stay queued where we can see them
+		tb, _ := ParseTable(f.line(8, tc.features))
+		tg, err := Build(bg, tb, f.env())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := tg.(*clone)
+		// Never resumed: the sweeper stays paused, so nothing is hydrated
+		// and hints stay queued where we can see them.
 		mustRead(t, c, 5*4096, 2*4096)
 		if q := c.Info().Clone.QueuedHints; q != tc.queued {
 			t.Errorf("%q: %d hints queued, want %d", tc.features, q, tc.queued)
@@ -133,7 +139,7 @@ func TestNoReadHintsAndNoHydrationQueueNothing(t *testing.T) {
 		if got := strings.Contains(c.Status(), " no_read_hints "); got != wantFeature || c.Info().Clone.ReadHints == wantFeature {
 			t.Errorf("%q: status %q, read_hints %v", tc.features, c.Status(), c.Info().Clone.ReadHints)
 		}
-		c.sweeper.Resume()
+		c.Close()
 	}
 }
 
