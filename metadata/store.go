@@ -35,6 +35,8 @@ var (
 	// ErrSourceChanged: the source's identity (an http(s) object's ETag, or
 	// Last-Modified and size) is not the one the store was made from:
 	// hydrating on would mix two versions of the source.
+	// ErrOtherDevice: the store describes another destination device.
+	ErrOtherDevice   = errors.New("metadata: made for another destination device")
 	ErrSourceChanged = errors.New("metadata: the source is not the one this clone was made from")
 	// ErrNoWrite: the store can be read but not written.
 	ErrNoWrite = errors.New("metadata: Unable to get write access to metadata, please check/repair metadata")
@@ -88,14 +90,18 @@ func (m Mode) String() string {
 
 // Superblock is the store's header.
 type Superblock struct {
-	Magic      string    `json:"magic"`
-	Version    int       `json:"version"`
-	RegionSize int64     `json:"region_size"` // bytes
-	TargetSize int64     `json:"target_size"` // bytes
-	Source     string    `json:"source"`      // path or URI, as the table gave it
-	SourceSize int64     `json:"source_size"`
-	SourceID   string    `json:"source_id,omitempty"` // a pin: ETag, Last-Modified + size
-	Created    time.Time `json:"created"`
+	Magic      string `json:"magic"`
+	Version    int    `json:"version"`
+	RegionSize int64  `json:"region_size"` // bytes
+	TargetSize int64  `json:"target_size"` // bytes
+	Source     string `json:"source"`      // path or URI, as the table gave it
+	SourceSize int64  `json:"source_size"`
+	SourceID   string `json:"source_id,omitempty"` // a pin: ETag, Last-Modified + size
+	// Destination is the destination the bitmap describes, as the table
+	// named it. Metadata says which regions of that device hold data: on
+	// any other device the same bits would serve garbage as clone data.
+	Destination string    `json:"destination,omitempty"`
+	Created     time.Time `json:"created"`
 }
 
 // Options open a store.
@@ -106,7 +112,11 @@ type Options struct {
 	Source     string
 	SourceSize int64
 	SourceID   string
-	Logger     *slog.Logger
+	// Destination names the device the bitmap describes; a store made
+	// for another destination is refused (ErrOtherDevice). Empty skips
+	// the check.
+	Destination string
+	Logger      *slog.Logger
 	// WrapKV, if set, wraps the badger store (fault injection in tests).
 	WrapKV func(KV) KV
 	// ReserveBytes of real disk space are held in a ballast file next to
@@ -359,7 +369,7 @@ func (s *Store) load(opts Options, fresh bool) error {
 			Magic: superblockMagic, Version: superblockVersion,
 			RegionSize: opts.RegionSize, TargetSize: opts.TargetSize,
 			Source: opts.Source, SourceSize: opts.SourceSize, SourceID: opts.SourceID,
-			Created: time.Now().UTC(),
+			Destination: opts.Destination, Created: time.Now().UTC(),
 		}
 		b, _ := json.Marshal(s.sb)
 		if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
@@ -380,6 +390,9 @@ func (s *Store) load(opts Options, fresh bool) error {
 		if s.sb.Source != opts.Source {
 			s.log.Warn("metadata was made for another source path", "metadata_source", s.sb.Source, "table_source", opts.Source)
 		}
+		if err := s.checkDestination(opts); err != nil {
+			return err
+		}
 		if err := s.checkSourceID(opts); err != nil {
 			return err
 		}
@@ -396,6 +409,28 @@ func (s *Store) load(opts Options, fresh bool) error {
 	s.bitmap.Store(b)
 	s.releaseIfDone()
 	return nil
+}
+
+// checkDestination refuses a store made for another destination: its bits
+// say which regions of that device hold clone data, and trusting them on
+// this one would serve whatever this device holds there. A store from
+// before destinations were recorded takes this one.
+func (s *Store) checkDestination(opts Options) error {
+	switch {
+	case opts.Destination == "" || s.sb.Destination == opts.Destination:
+		return nil
+	case s.sb.Destination == "":
+		s.sb.Destination = opts.Destination
+		b, _ := json.Marshal(s.sb)
+		if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+			return fmt.Errorf("%w: recording the destination: %w", ErrNoWrite, err)
+		}
+		return nil
+	default:
+		return fmt.Errorf("%w: %s describes %s, the table names %s (if the device moved, "+
+			"name it by its old path, e.g. a symlink; otherwise use empty metadata)",
+			ErrOtherDevice, opts.Dir, s.sb.Destination, opts.Destination)
+	}
 }
 
 // checkSourceID refuses a source whose pinned identity changed. A store

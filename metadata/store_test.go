@@ -1,7 +1,10 @@
 package metadata
 
 import (
+	"crypto/sha256"
 	"errors"
+	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -494,4 +497,74 @@ func TestSourceIDPin(t *testing.T) {
 	if _, err := Open(o); !errors.Is(err, ErrSourceChanged) {
 		t.Fatalf("after pinning on reopen: %v", err)
 	}
+}
+
+func TestOtherDestinationRefused(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	o := testOptions(dir, nil)
+	o.Destination = "/srv/a.img"
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	before := dirDigest(t, dir)
+	o.Destination = "/srv/b.img"
+	_, err = Open(o)
+	if !errors.Is(err, ErrOtherDevice) || !strings.Contains(err.Error(), "/srv/a.img") || !strings.Contains(err.Error(), "/srv/b.img") {
+		t.Fatalf("other destination: %v", err)
+	}
+	// Badger starts a new value log on every open; what was there stays.
+	after := dirDigest(t, dir)
+	for _, line := range strings.Split(before, "\n") {
+		if !strings.Contains(after, line) {
+			t.Fatalf("refused store was written: %s changed", line)
+		}
+	}
+	o.Destination = "/srv/a.img"
+	if s, err = Open(o); err != nil {
+		t.Fatalf("same destination: %v", err)
+	}
+	if got := s.Superblock().Destination; got != "/srv/a.img" {
+		t.Fatalf("superblock destination %q", got)
+	}
+	s.Close()
+	// A store that recorded no destination takes the first one it sees.
+	dir2 := filepath.Join(t.TempDir(), "md")
+	o = testOptions(dir2, nil)
+	if s, err = Open(o); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	o.Destination = "/srv/c.img"
+	if s, err = Open(o); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	o.Destination = "/srv/d.img"
+	if _, err := Open(o); !errors.Is(err, ErrOtherDevice) {
+		t.Fatalf("after recording on reopen: %v", err)
+	}
+}
+
+// dirDigest names every file of a directory tree with a hash of its
+// content (the lock and the reserve file excluded: they are recreated).
+func dirDigest(t *testing.T, dir string) string {
+	t.Helper()
+	var b strings.Builder
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Name() == reserveName || d.Name() == "LOCK" {
+			return err
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(&b, "%s %x\n", p, sha256.Sum256(data))
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b.String()
 }

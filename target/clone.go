@@ -237,7 +237,8 @@ func newClone(ctx context.Context, t Table, env Env) (Target, error) {
 	md, err := metadata.Open(metadata.Options{
 		Dir: cfg.metadataPath, TargetSize: length, RegionSize: geom.RegionSize(),
 		Source: cfg.sourceSpec, SourceSize: src.Size(), SourceID: sourceID, Logger: log,
-		WrapKV: env.MetadataKV,
+		Destination: cfg.destPath,
+		WrapKV:      env.MetadataKV,
 	})
 	if err != nil {
 		if errors.Is(err, metadata.ErrNoWrite) {

@@ -184,3 +184,26 @@ func TestParseTable(t *testing.T) {
 		t.Fatalf("%v %q", err, tb.String())
 	}
 }
+
+func TestMetadataOfAnotherDestination(t *testing.T) {
+	f := newFixture(t, 64<<10, 3)
+	c := f.build(t, 8, "1 no_hydration")
+	c.Suspend(context.Background())
+	c.Close()
+	other := filepath.Join(f.dir, "other.img")
+	if err := os.WriteFile(other, make([]byte, f.size), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	line := strings.Replace(f.line(8, "1 no_hydration"), f.dst, other, 1)
+	tb, err := ParseTable(line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Build(context.Background(), tb, Env{})
+	var dm *DMError
+	if !errors.As(err, &dm) || dm.Msg != "Failed to load metadata" || !strings.Contains(err.Error(), "made for another destination device") {
+		t.Fatalf("metadata of another destination: %v", err)
+	}
+	// The right destination still opens it.
+	f.build(t, 8, "1 no_hydration")
+}

@@ -300,8 +300,15 @@ func TestFlushPersists(t *testing.T) {
 			t.Fatalf("cp: %v %s", err, out)
 		}
 	}
+	// The crash image of the destination goes back to its path: the
+	// metadata records which device it describes.
+	c.Suspend(bg)
+	c.Close()
+	if err := os.Rename(filepath.Join(crash, "dst.img"), f.dst); err != nil {
+		t.Fatal(err)
+	}
 	f2 := &fixture{dir: f.dir, src: f.src, size: f.size, srcData: f.srcData,
-		md: filepath.Join(crash, "md"), dst: filepath.Join(crash, "dst.img")}
+		md: filepath.Join(crash, "md"), dst: f.dst}
 	os.Remove(filepath.Join(f2.md, "LOCK"))
 	c2 := f2.build(t, 8, "1 no_hydration")
 	if c2.md.Hydrated() != 2 || !c2.md.IsHydrated(0) || !c2.md.IsHydrated(5) {

@@ -171,6 +171,7 @@ func runModel(t *testing.T, seed uint64, opsPerWorker int) {
 	if i := firstDiff(mustRead(t, c2, 0, size), m); i >= 0 {
 		fail("after reopen, byte %d differs", i)
 	}
+	t.Logf("%d operations by %d workers agreed with the model, then hydration and a reopen", workers*opsPerWorker, workers)
 }
 
 // punchSourceHoles punches a few regions' worth of holes (some not region
