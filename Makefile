@@ -37,18 +37,22 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzCloneArgs$$' -fuzztime $(FUZZTIME) ./target
 
 # The reliability tests, longer: the random model with more operations and
-# a fixed or random seed (SEED=0: time-based, printed on failure), crash
-# points further into the workload, more kill -9 rounds, the issue's 60 s
+# a fixed or random seed (SEED=0: time-based, printed on failure), longer
+# crash and fault workloads with a crash or failure at each of their I/Os,
+# over SOAK_SEEDS seeds, more kill -9 rounds, the issue's 60 s
 # load. Each prints what it covered (-v). Not part of `make test`.
 SOAK_OPS    ?= 5000
 SOAK_CRASH  ?= 3000
+SOAK_CRASH_OPS ?= 300
+SOAK_FAULT_OPS ?= 200
+SOAK_SEEDS  ?= 3
 SOAK_KILLS  ?= 100
 SOAK_LOAD   ?= 60
 SEED        ?= 0
 .PHONY: soak
 soak: deps
 	$(GO) test -race -count=1 -timeout 60m -v -run '^TestRandomModel$$' ./target -seed $(SEED) -model.ops $(SOAK_OPS)
-	$(GO) test -race -count=1 -timeout 60m -v -run '^(TestCrashAtEveryIO|TestFailNthIO)$$' ./target -crash.max $(SOAK_CRASH)
+	$(GO) test -race -timeout 60m -v -run '^(TestCrashAtEveryIO|TestFailNthIO)$$' ./target -count $(SOAK_SEEDS) -crash.max $(SOAK_CRASH) -crash.ops $(SOAK_CRASH_OPS) -fault.ops $(SOAK_FAULT_OPS)
 	$(GO) test -race -count=1 -timeout 60m -v -run '^(TestKill9DuringWorkload|TestLoadAndLeaks)$$' ./test -kill.rounds $(SOAK_KILLS) -load.seconds $(SOAK_LOAD)
 
 # Runs the main job end to end on a sample ext4 image it makes itself.

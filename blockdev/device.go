@@ -15,6 +15,9 @@ var (
 	ErrNotSupported = errors.New("blockdev: operation not supported")
 	// ErrClosed is returned by any call after Close.
 	ErrClosed = errors.New("blockdev: device is closed")
+	// ErrShrunk: the file is shorter than when it was opened (truncated
+	// under us); the missing part is not zeroes.
+	ErrShrunk = errors.New("blockdev: the file shrank since it was opened")
 )
 
 // Reader is the read-only view of a device. A clone's source is held as a

@@ -49,9 +49,26 @@ func (d *File) Map(off, n int64) ([]Extent, error) {
 		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
 		switch {
 		case errors.Is(err, unix.ENXIO):
-			// No data at or after off: a hole up to the end of the file.
-			add(end-off, true)
-			return extents, nil
+			// No data at or after off: a hole up to the end of the file,
+			// if the file still ends where it did. Past a truncation there
+			// is nothing, not zeroes: map what is left and fail after it,
+			// so a reader reads (and fails) instead of trusting a hole.
+			var st unix.Stat_t
+			if err := unix.Fstat(fd, &st); err != nil {
+				return nil, fmt.Errorf("blockdev: stat %s: %w", d.path, err)
+			}
+			if st.Size >= end {
+				add(end-off, true)
+				return extents, nil
+			}
+			if st.Size > off {
+				add(st.Size-off, true)
+			}
+			if len(extents) > 0 {
+				return extents, nil
+			}
+			return nil, fmt.Errorf("blockdev: map %s at %d: %w (now %d bytes, %d when opened)",
+				d.path, off, ErrShrunk, st.Size, d.size)
 		case err != nil:
 			if len(extents) == 0 && (errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP)) {
 				// No SEEK_DATA on this filesystem: all data.

@@ -221,3 +221,33 @@ func TestBlockDeviceMap(t *testing.T) {
 		t.Errorf("ZeroesFast = %v, write_zeroes_max_bytes %s", d.ZeroesFast(), sysfs)
 	}
 }
+
+// TestFileMapAfterTruncation: a source truncated after it was opened has
+// nothing past its new end. The hole before it maps as zeroes; the part
+// past it is an error, never a hole a copier would zero instead of failing.
+func TestFileMapAfterTruncation(t *testing.T) {
+	p := sparseFile(t)
+	d, err := OpenFileReadOnly(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	const K, M = 1 << 10, 1 << 20
+	if err := os.Truncate(p, 1*M); err != nil {
+		t.Fatal(err)
+	}
+	got, err := d.Map(512*K, 3*M)
+	if err != nil {
+		t.Fatalf("Map across the new end: %v", err)
+	}
+	if s := fmtExtents(got); s != "524288:hole+zero" {
+		t.Fatalf("Map across the new end = %s, want only the hole before it", s)
+	}
+	if got, err := d.Map(2*M, 4*K); !errors.Is(err, ErrShrunk) {
+		t.Fatalf("Map past the new end = %s, %v; want ErrShrunk", fmtExtents(got), err)
+	}
+	// Before the new end nothing changed.
+	if got, err := d.Map(0, 256*K); err != nil || fmtExtents(got) != "65536:hole+zero 131072:data 65536:hole+zero" {
+		t.Fatalf("Map before the new end = %s, %v", fmtExtents(got), err)
+	}
+}

@@ -14,6 +14,8 @@ import (
 	"github.com/nbdclone/nbdclone/internal/faultdev"
 )
 
+var crashOps = flag.Int("crash.ops", 60, "operations in each run of TestCrashAtEveryIO's workload (make soak: more)")
+
 var crashMax = flag.Int("crash.max", 400, "crash points to try in TestCrashAtEveryIO (the run stops earlier when the workload finishes before the crash point)")
 
 // durability is what may be read back at each byte after a crash: the value
@@ -146,7 +148,7 @@ func crashRun(t *testing.T, seed uint64, n int) (finished bool) {
 	model := newDurability(f.srcData)
 	ctx := context.Background()
 	var log []string
-	for i := 0; i < 60 && !plan.Crashed(); i++ {
+	for i := 0; i < *crashOps && !plan.Crashed(); i++ {
 		off := rng.Int64N(size - 1)
 		ln := 1 + rng.Int64N(min(size-off, 3*regionSize))
 		if rng.IntN(3) == 0 { // whole regions

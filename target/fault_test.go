@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -45,15 +47,17 @@ func faultEnv(f *fixture, plan *faultdev.Plan) Env {
 // each byte reads as its last successful write, or (if a failed operation
 // touched it since) as anything that operation or the earlier state could
 // have left.
+var faultOps = flag.Int("fault.ops", 40, "operations in each run of TestFailNthIO's workload (make soak: more)")
+
 func TestFailNthIO(t *testing.T) {
 	seed := *modelSeed
 	if seed == 0 {
 		seed = uint64(time.Now().UnixNano())
 	}
 	t.Logf("seed %d", seed)
-	for n := 0; n < 2000; n++ {
+	for n := 0; n < 100000; n++ {
 		if failNthRun(t, seed, n) || t.Failed() {
-			t.Logf("tried failure points 0..%d", n)
+			t.Logf("tried failure points 0..%d of a %d-operation workload", n, *faultOps)
 			return
 		}
 	}
@@ -87,7 +91,7 @@ func failNthRun(t *testing.T, seed uint64, n int) (finished bool) {
 	}
 	anything := make([]bool, size)
 	ctx := context.Background()
-	for i := 0; i < 40; i++ {
+	for i := 0; i < *faultOps; i++ {
 		off := rng.Int64N(size - 1)
 		ln := 1 + rng.Int64N(min(size-off, 2*rs))
 		if rng.IntN(3) == 0 {
@@ -314,4 +318,52 @@ func (s scanBreaker) Scan(prefix []byte, fn func(k, v []byte) error) error {
 		return errors.New("injected scan failure")
 	}
 	return s.KV.Scan(prefix, fn)
+}
+
+// TestTruncatedSourceIsNotZeroes: a source file truncated under a running
+// clone has nothing past its new end. Hydration of those regions fails
+// (and stops, bounded) instead of zeroing them as holes; reads of them
+// fail; the regions before the new end hydrate with the right data.
+func TestTruncatedSourceIsNotZeroes(t *testing.T) {
+	const rs = 4096
+	f := newFixture(t, 32*rs, 31)
+	tb, err := ParseTable(f.line(8, "1 no_hydration"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The default source opener: a file with SEEK_DATA mapping.
+	tg, err := Build(bg, tb, Env{Sweep: SweepTuning{Backoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	tg.Resume()
+	const keep = 16 * rs
+	if err := os.Truncate(f.src, keep); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Message(bg, []string{"enable_hydration"}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for tg.Info().Clone.HydrationStopped == "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("hydration did not stop on the truncated source: %s", tg.Status())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c := tg.(*clone)
+	for r := uint64(0); r < 32; r++ {
+		if want := r < keep/rs; c.md.IsHydrated(r) != want {
+			t.Errorf("region %d hydrated=%v, want %v", r, !want, want)
+		}
+	}
+	if got := mustRead(t, c, 0, keep); !bytes.Equal(got, f.srcData[:keep]) {
+		t.Error("regions before the new end hydrated with wrong data")
+	}
+	p := make([]byte, rs)
+	if err := tg.ReadAt(bg, p, keep+rs); err == nil {
+		t.Errorf("read past the truncated source succeeded: % x…", p[:8])
+	}
+	t.Logf("stopped: %s", tg.Info().Clone.HydrationStopped)
 }
