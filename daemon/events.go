@@ -103,6 +103,7 @@ type eventBus struct {
 	seq    uint64
 	counts map[string]uint64
 	subs   map[*subscription]struct{}
+	lost   uint64 // events dropped for slow subscribers, over all of them
 }
 
 // subscription is one subscriber's stream.
@@ -143,7 +144,9 @@ func (b *eventBus) publish(ev Event) {
 	b.counts[ev.Kind]++
 	for s := range b.subs {
 		if s.device == "" || s.device == ev.Device {
-			s.offerLocked(ev)
+			if !s.offerLocked(ev) {
+				b.lost++
+			}
 		}
 	}
 	b.mu.Unlock()
@@ -152,13 +155,13 @@ func (b *eventBus) publish(ev Event) {
 	b.runner.send(ev)
 }
 
-// offerLocked queues ev without blocking; after a drop, an EventLost goes
-// first as soon as there is room for it and ev.
-func (s *subscription) offerLocked(ev Event) {
+// offerLocked queues ev without blocking, or reports it dropped; after a
+// drop, an EventLost goes first as soon as there is room for it and ev.
+func (s *subscription) offerLocked(ev Event) bool {
 	if s.lost > 0 {
 		if cap(s.ch)-len(s.ch) < 2 {
 			s.lost++
-			return
+			return false
 		}
 		s.ch <- Event{Seq: ev.Seq, Time: ev.Time, Kind: EventLost, Device: s.device, Lost: s.lost,
 			Detail: fmt.Sprintf("lost %d events: this subscriber read too slowly", s.lost)}
@@ -166,8 +169,10 @@ func (s *subscription) offerLocked(ev Event) {
 	}
 	select {
 	case s.ch <- ev:
+		return true
 	default:
 		s.lost++
+		return false
 	}
 }
 
@@ -203,13 +208,21 @@ type eventCount struct {
 	count uint64
 }
 
-func (b *eventBus) snapshot() []eventCount {
+// busStats is the bus for metrics: events raised by kind, subscribers,
+// events dropped for slow subscribers.
+type busStats struct {
+	counts      []eventCount
+	subscribers int
+	lost        uint64
+}
+
+func (b *eventBus) snapshot() busStats {
 	b.mu.Lock()
-	out := make([]eventCount, 0, len(b.counts))
+	st := busStats{counts: make([]eventCount, 0, len(b.counts)), subscribers: len(b.subs), lost: b.lost}
 	for k, n := range b.counts {
-		out = append(out, eventCount{k, n})
+		st.counts = append(st.counts, eventCount{k, n})
 	}
 	b.mu.Unlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].kind < out[j].kind })
-	return out
+	sort.Slice(st.counts, func(i, j int) bool { return st.counts[i].kind < st.counts[j].kind })
+	return st
 }

@@ -19,7 +19,7 @@ func TestEventBusSlowSubscriber(t *testing.T) {
 	const n = 1000
 	b := newEventBus(slog.New(slog.DiscardHandler), nil)
 	slow := b.subscribe("", 4)
-	fast := b.subscribe("", 2*n) // room for all: it never loses one
+	fast := b.subscribe("", 2*n)     // room for all: it never loses one
 	other := b.subscribe("other", 4) // another device's: sees nothing of "d"
 
 	got := make(chan []Event)
@@ -80,8 +80,12 @@ func TestEventBusSlowSubscriber(t *testing.T) {
 	if len(other.C()) != 0 {
 		t.Errorf("a subscriber of another device got %d events", len(other.C()))
 	}
+	st := b.snapshot()
+	if st.lost != n-4 || st.subscribers != 1 {
+		t.Errorf("bus stats: %d lost, %d subscribers; want %d, 1", st.lost, st.subscribers, n-4)
+	}
 	counts := map[string]uint64{}
-	for _, c := range b.snapshot() {
+	for _, c := range st.counts {
 		counts[c.kind] = c.count
 	}
 	if counts[EventResumed] != n || counts[EventSuspended] != 1 || counts[EventCreated] != 0 {

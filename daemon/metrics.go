@@ -287,9 +287,9 @@ func boolFloat(b bool) float64 {
 // collector reads every device's Info at scrape time (never committing
 // metadata: invariant 6).
 type collector struct {
-	reg     *registry
-	metrics []metric
-	events  *prometheus.Desc
+	reg                       *registry
+	metrics                   []metric
+	events, subscribers, lost *prometheus.Desc
 	// Set by hookUp; nil in unit tests without a daemon.
 	bus *eventBus
 	mon *monitor
@@ -300,6 +300,9 @@ func newCollector(reg *registry) *collector {
 		events: prometheus.NewDesc("nbdclone_events_total",
 			"Events raised by the daemon since it started, by type (see nbdclone events): created, removed, suspended, resumed, loaded, swapped, hydrated, hydration_stopped, ...",
 			[]string{"type"}, nil),
+		subscribers: prometheus.NewDesc("nbdclone_event_subscribers", "Open event streams (nbdclone events).", nil, nil),
+		lost: prometheus.NewDesc("nbdclone_events_lost_total",
+			"Events dropped for event stream subscribers that read too slowly (each told so by a \"lost\" line).", nil, nil),
 	}
 }
 
@@ -308,6 +311,8 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		ch <- m.desc
 	}
 	ch <- c.events
+	ch <- c.subscribers
+	ch <- c.lost
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -325,9 +330,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	if c.bus != nil {
-		for _, e := range c.bus.snapshot() {
+		st := c.bus.snapshot()
+		for _, e := range st.counts {
 			ch <- prometheus.MustNewConstMetric(c.events, prometheus.CounterValue, float64(e.count), e.kind)
 		}
+		ch <- prometheus.MustNewConstMetric(c.subscribers, prometheus.GaugeValue, float64(st.subscribers))
+		ch <- prometheus.MustNewConstMetric(c.lost, prometheus.CounterValue, float64(st.lost))
 	}
 }
 

@@ -56,11 +56,13 @@ func waitProgress(ctx context.Context, cl *daemon.Client, name string, out io.Wr
 // progress renders hydration progress: a redrawn bar on a terminal, a line
 // every progressLineEvery otherwise.
 type progress struct {
-	name  string
-	out   io.Writer
-	tty   bool
-	width int
-	now   func() time.Time
+	name string
+	// showState adds why hydration waits (status --watch).
+	showState bool
+	out       io.Writer
+	tty       bool
+	width     int
+	now       func() time.Time
 
 	rate     *rate.Estimator // shared with the daemon's rate and ETA metrics
 	lastLine time.Time
@@ -122,14 +124,14 @@ func (p *progress) stats(info target.Info) (rateText, eta string) {
 func (p *progress) line(info target.Info) string {
 	c := info.Clone
 	rate, eta := p.stats(info)
-	return fmt.Sprintf("%s: %5.1f%% hydrated (%d/%d regions), %s, ETA %s",
-		p.name, 100*p.fraction(info), c.HydratedRegions, c.Regions, rate, eta)
+	return fmt.Sprintf("%s: %5.1f%% hydrated (%d/%d regions), %s, ETA %s%s",
+		p.name, 100*p.fraction(info), c.HydratedRegions, c.Regions, rate, eta, p.state(info))
 }
 
 func (p *progress) drawBar(info target.Info) {
 	rate, eta := p.stats(info)
 	frac := p.fraction(info)
-	tail := fmt.Sprintf(" %5.1f%%  %s  ETA %s", 100*frac, rate, eta)
+	tail := fmt.Sprintf(" %5.1f%%  %s  ETA %s%s", 100*frac, rate, eta, p.state(info))
 	barWidth := p.width - len(p.name) - len(tail) - 4
 	bar := ""
 	if barWidth >= 10 {
@@ -161,5 +163,60 @@ func (p *progress) abort() {
 	if p.drawn {
 		fmt.Fprintln(p.out)
 		p.drawn = false
+	}
+}
+
+// state is why hydration waits, for status --watch ("" otherwise).
+func (p *progress) state(info target.Info) string {
+	c := info.Clone
+	if !p.showState || c == nil || c.Hydrated {
+		return ""
+	}
+	switch {
+	case c.Mode != "rw":
+		return "  [metadata " + c.Mode + "]"
+	case c.HydrationStopped != "":
+		return "  [stopped on errors]"
+	case !c.HydrationEnabled:
+		return "  [hydration disabled]"
+	case c.BackingOff:
+		return "  [retrying after errors]"
+	case c.BusyPaused:
+		return "  [yielding to I/O]"
+	}
+	return ""
+}
+
+// watchProgress is status --watch: the progress display of waitProgress,
+// from polls of the JSON status alone, until the clone is hydrated or ctx
+// ends (Ctrl-C: a normal end). It never fails on the hydration's state.
+func watchProgress(ctx context.Context, cl *daemon.Client, name string, out io.Writer, now func() time.Time) error {
+	p := newProgress(name, out, isTerminal(out), terminalWidth(out, 80), now)
+	p.showState = true
+	tick := time.NewTicker(progressPoll)
+	defer tick.Stop()
+	for {
+		st, err := cl.Info(ctx, name)
+		switch {
+		case ctx.Err() != nil:
+			p.abort()
+			return nil
+		case err != nil:
+			p.abort()
+			return err
+		case st.Info == nil:
+			p.abort()
+			return fmt.Errorf("device %s failed: %s", name, st.Error)
+		case st.Info.Clone == nil || st.Info.Clone.Hydrated:
+			p.finish(*st.Info)
+			return nil
+		}
+		p.update(*st.Info)
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			p.abort()
+			return nil
+		}
 	}
 }
