@@ -346,13 +346,16 @@ func (c *collector) samples() []deviceSample {
 		d.mu.Lock()
 		s := deviceSample{name: d.name, suspended: d.suspended || d.swapping != nil, conns: d.conns, io: d.io}
 		d.mu.Unlock()
-		if c.mon != nil {
-			s.progress, s.watched = c.mon.progress(d)
-		}
 		if h := d.tryAcquire(); h != nil {
 			info := h.t.Info()
 			h.release()
 			s.info = &info
+			if c.mon != nil {
+				c.mon.sample(d, h, info)
+			}
+		}
+		if c.mon != nil {
+			s.progress, s.watched = c.mon.progress(d)
 		}
 		out = append(out, s)
 	}

@@ -90,15 +90,29 @@ func (m *monitor) observe(d *device, h *handle, info target.Info) {
 		events = append(events, raised{EventModeChanged, fmt.Sprintf("%s (was %s)", c.Mode, p.mode)})
 		p.mode = c.Mode
 	}
-	done := hydratedBytes(info)
-	p.est.Add(m.now(), done)
-	p.rate = p.est.Rate()
-	p.remaining = info.Size - done
-	p.eta, p.etaKnown = p.est.ETA(p.remaining)
+	p.addLocked(m.now(), info)
 	m.mu.Unlock()
 	for _, e := range events {
 		m.emit(d, e.kind, h.table.String(), e.detail)
 	}
+}
+
+// sample adds a progress sample of h (a scrape's), without looking for
+// events; nothing when the monitor does not follow h (yet).
+func (m *monitor) sample(d *device, h *handle, info target.Info) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p := m.devs[d]; p != nil && p.h == h && info.Clone != nil {
+		p.addLocked(m.now(), info)
+	}
+}
+
+func (p *devProgress) addLocked(now time.Time, info target.Info) {
+	done := hydratedBytes(info)
+	p.est.Add(now, done)
+	p.rate = p.est.Rate()
+	p.remaining = info.Size - done
+	p.eta, p.etaKnown = p.est.ETA(p.remaining)
 }
 
 // forget drops d's progress if it still follows h.
