@@ -183,6 +183,16 @@ func TestMetricsFollowHydration(t *testing.T) {
 	if got := s.get(t, "nbdclone_events_total", "type=suspended"); got != 3 {
 		t.Errorf("events_total{type=suspended} = %v, want 3", got)
 	}
+	// Every metric has HELP text, and the Grafana dashboard's are all here.
+	for name := range s.families() {
+		if base, ok := strings.CutSuffix(name, "_bucket"); ok && s.help[base] != "" {
+			continue
+		}
+		if s.help[name] == "" && !strings.HasSuffix(name, "_sum") && !strings.HasSuffix(name, "_count") && !strings.HasPrefix(name, "go_") && !strings.HasPrefix(name, "process_") && !strings.HasPrefix(name, "promhttp_") {
+			t.Errorf("%s has no HELP", name)
+		}
+	}
+	checkDashboardMetrics(t, s)
 }
 
 // checkConsistent compares a scrape with the status line taken with the
