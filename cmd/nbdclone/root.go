@@ -51,7 +51,8 @@ const rootExample = `  nbdclone serve &
   nbdclone create clone --table "0 2097152 clone ./md ./dest.img /dev/sdb 8 1 no_hydration"
   nbdcopy 'nbd+unix:///clone?socket=/run/nbdclone/nbd.sock' copy.img
   nbdclone message clone 0 enable_hydration
-  nbdclone wait clone --progress
+  nbdclone status clone --watch      # or: nbdclone wait clone --progress
+  nbdclone events clone --until hydrated
   nbdclone suspend clone
   nbdclone load clone --table "0 2097152 linear ./dest.img 0"
   nbdclone resume clone`
