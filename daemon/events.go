@@ -78,6 +78,9 @@ type Event struct {
 // String is the event as `nbdclone events` prints it.
 func (e Event) String() string {
 	s := e.Time.Local().Format("2006-01-02T15:04:05.000") + " " + e.Kind
+	if e.Kind == EventLost {
+		return s + " " + e.Detail
+	}
 	if e.Device != "" {
 		s += " " + e.Device
 	}
@@ -164,7 +167,7 @@ func (s *subscription) offerLocked(ev Event) bool {
 			return false
 		}
 		s.ch <- Event{Seq: ev.Seq, Time: ev.Time, Kind: EventLost, Device: s.device, Lost: s.lost,
-			Detail: fmt.Sprintf("lost %d events: this subscriber read too slowly", s.lost)}
+			Detail: fmt.Sprintf("%d events: this reader fell too far behind", s.lost)}
 		s.lost = 0
 	}
 	select {

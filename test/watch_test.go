@@ -78,11 +78,11 @@ func TestWatchProgressBarETA(t *testing.T) {
 	waitFor(t, time.Minute, "hydration to complete", func() bool {
 		return cloneInfo(t, d, "c").Hydrated
 	})
-	real := time.Since(sampled)
+	took := time.Since(sampled)
 	t.Logf("bar at %v: %q; ETA %v, really %v", sampled.Sub(enabled).Round(time.Millisecond),
-		barRE.FindString(screen), eta, real.Round(time.Millisecond))
-	if diff := (eta - real).Abs(); diff > real*3/10 {
-		t.Errorf("ETA %v, but hydration took %v more (off by %v, over 30%%)", eta, real, diff)
+		barRE.FindString(screen), eta, took.Round(time.Millisecond))
+	if diff := (eta - took).Abs(); diff > took*3/10 {
+		t.Errorf("ETA %v, but hydration took %v more (off by %v, over 30%%)", eta, took, diff)
 	}
 	for _, line := range strings.Split(screen, "\n") {
 		if len([]rune(line)) > 120 {
