@@ -233,6 +233,7 @@ func (a *attacher) attach(ctx context.Context, name string, req attachRequest) (
 	a.mu.Unlock()
 	a.log.Info("attached", "device", name, "nbd", dev, "connections", opts.Connections,
 		"block_size", at.BlockSize, "timeout", opts.Timeout, "dead_timeout", opts.DeadTimeout)
+	a.reg.emitTable(name, EventAttached, "", dev)
 	return *at, nil
 }
 
@@ -340,6 +341,7 @@ func (a *attacher) detach(ctx context.Context, path string, force bool) error {
 		return err
 	}
 	a.log.Info("detached", "device", at.Name, "nbd", dev, "forced", force)
+	a.reg.emitTable(at.Name, EventDetached, "", dev)
 	return nil
 }
 

@@ -15,19 +15,6 @@ import (
 	"github.com/nbdclone/nbdclone/target"
 )
 
-// Events the daemon raises (logged, and given to the --on-event command).
-const (
-	// EventHydrated: a clone finished hydrating (every region hydrated
-	// and committed).
-	EventHydrated = "hydrated"
-	// EventLinear: an auto_linear clone was swapped to linear.
-	EventLinear = "linear"
-	// EventAutoLinearFailed: that swap failed; it is retried.
-	EventAutoLinearFailed = "auto_linear_failed"
-	// EventHydrationStopped: background hydration stopped on errors.
-	EventHydrationStopped = "hydration_stopped"
-)
-
 const (
 	autoLinearRetryMin = time.Second
 	autoLinearRetryMax = time.Minute
@@ -36,18 +23,8 @@ const (
 	maxEventOutput     = 4 << 10
 )
 
-// Event is one daemon event.
-type Event struct {
-	Kind   string
-	Device string
-	NBD    string // the /dev/nbdX the device is attached to, if any
-	Table  string // the live table after the event
-	Detail string
-}
-
-// autoLinear watches the live clones that need it: it raises their events
-// (hydrated, hydration stopped) when an --on-event command is set, and
-// swaps an auto_linear clone to "linear <destination> 0" the moment it is
+// autoLinear watches every live clone: it gives each snapshot to the
+// monitor (hydration events, rate and ETA), and swaps an auto_linear clone to "linear <destination> 0" the moment it is
 // hydrated, as suspend, load and resume would (NBD clients stay
 // connected). A swap is deferred while the device is suspended or has a
 // table loaded by hand (the user's swap wins), and retried with a backoff
@@ -55,7 +32,7 @@ type Event struct {
 type autoLinear struct {
 	log    *slog.Logger
 	reg    *registry
-	events *eventRunner
+	mon    *monitor
 	goFunc func(func())
 	now    func() time.Time
 
@@ -73,9 +50,9 @@ type watch struct {
 	lastErr    error         // the last failed swap
 }
 
-func newAutoLinear(log *slog.Logger, reg *registry, events *eventRunner, goFunc func(func())) *autoLinear {
+func newAutoLinear(log *slog.Logger, reg *registry, mon *monitor, goFunc func(func())) *autoLinear {
 	return &autoLinear{
-		log: log.With("component", "auto_linear"), reg: reg, events: events,
+		log: log.With("component", "auto_linear"), reg: reg, mon: mon,
 		goFunc: goFunc, now: time.Now, watching: map[*device]*watch{},
 	}
 }
@@ -98,9 +75,8 @@ func (m *autoLinear) live(d *device) {
 	}
 	info := h.t.Info()
 	h.release()
-	if info.Clone == nil || (!info.Clone.AutoLinear && !m.events.enabled()) {
-		// Nothing to do for it: the target logs its own events.
-		return
+	if info.Clone == nil {
+		return // nothing to watch: linear is always complete
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -120,9 +96,10 @@ func (m *autoLinear) live(d *device) {
 				delete(m.watching, d)
 			}
 			m.mu.Unlock()
+			m.mon.forget(d, w.h)
 			close(w.settled)
 		}()
-		m.run(ctx, d, w, info.Clone.Hydrated)
+		m.run(ctx, d, w)
 	})
 }
 
@@ -140,8 +117,7 @@ func (m *autoLinear) pending(d *device) (<-chan struct{}, error) {
 }
 
 // run watches one live clone until it is no longer the live table.
-func (m *autoLinear) run(ctx context.Context, d *device, w *watch, wasHydrated bool) {
-	stopped := ""
+func (m *autoLinear) run(ctx context.Context, d *device, w *watch) {
 	backoff := time.Duration(0)
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -155,19 +131,10 @@ func (m *autoLinear) run(ctx context.Context, d *device, w *watch, wasHydrated b
 			return // another table took over
 		default:
 			events = h.t.Events()
-			c := h.t.Info().Clone
+			info := h.t.Info()
 			h.release()
-			if c.Hydrated && !wasHydrated {
-				wasHydrated = true
-				m.emit(d, EventHydrated, w.h.table.String(), fmt.Sprintf("%d regions", c.Regions))
-			}
-			if c.HydrationStopped != stopped {
-				stopped = c.HydrationStopped
-				if stopped != "" {
-					m.emit(d, EventHydrationStopped, w.h.table.String(), stopped)
-				}
-			}
-			if c.Hydrated && c.AutoLinear {
+			m.mon.observe(d, w.h, info)
+			if c := info.Clone; c.Hydrated && c.AutoLinear {
 				done, err := m.swap(ctx, d, w.h)
 				if done {
 					return
@@ -244,16 +211,7 @@ func linearOver(clone target.Table, dest string) target.Table {
 }
 
 func (m *autoLinear) emit(d *device, kind, table, detail string) {
-	ev := Event{Kind: kind, Device: d.name, Table: table, Detail: detail}
-	if m.reg.hooks.attached != nil {
-		ev.NBD = m.reg.hooks.attached(d.name)
-	}
-	level := slog.LevelInfo
-	if kind == EventAutoLinearFailed || kind == EventHydrationStopped {
-		level = slog.LevelWarn
-	}
-	m.log.Log(context.Background(), level, "event", "event", kind, "device", d.name, "nbd", ev.NBD, "table", table, "detail", detail)
-	m.events.send(ev)
+	m.reg.emitTable(d.name, kind, table, detail)
 }
 
 // checkLinearLoad refuses a linear table over a clone that is not fully
@@ -276,8 +234,9 @@ func checkLinearLoad(d *device, tbl target.Table, force bool) error {
 		d.name, c.HydratedRegions, c.Regions, d.name)
 }
 
-// eventRunner runs the --on-event command once per event, one at a time,
-// with the event in its environment.
+// eventRunner runs the --on-event command once per event (it is fed by
+// the event bus, events.go), one at a time, with the event in its
+// environment.
 type eventRunner struct {
 	log   *slog.Logger
 	cmd   string // "" runs nothing

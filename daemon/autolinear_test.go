@@ -55,7 +55,7 @@ func cloneGoroutines() []string {
 
 // TestAutoLinear: a clone with the auto_linear feature becomes "linear
 // <destination> 0" as soon as it is hydrated; wait returns then; the event
-// hook runs for "hydrated" and "linear"; the clone target is closed (no
+// hook runs for each event, "hydrated" and "linear" among them; the clone target is closed (no
 // copier, sweeper, metadata store or committer left); the state directory
 // holds the linear table.
 func TestAutoLinear(t *testing.T) {
@@ -97,7 +97,10 @@ func TestAutoLinear(t *testing.T) {
 		t.Errorf("state file after the swap: %+v, %v", rec, err)
 	}
 	cloneTable := "0 2048 clone " + filepath.Join(dir, "md") + " " + filepath.Join(dir, "dest.img") + " " + filepath.Join(dir, "src.img") + " 8 1 auto_linear"
-	want := []string{"hydrated|c||" + cloneTable, "linear|c||" + linear}
+	// The hook sees every event of the bus: the swap is a suspend, a
+	// swap and a resume, then "linear" says why.
+	want := []string{"created|c||" + cloneTable, "hydrated|c||" + cloneTable, "suspended|c||" + cloneTable,
+		"swapped|c||" + linear, "resumed|c||" + linear, "linear|c||" + linear}
 	waitUntil(t, func() bool {
 		b, _ := os.ReadFile(events)
 		return strings.Count(string(b), "\n") >= len(want)

@@ -175,6 +175,7 @@ func (d *Daemon) controlHandler() http.Handler {
 		writeJSON(w, http.StatusOK, info)
 	})
 	d.attachRoutes(mux)
+	d.eventRoutes(mux) // GET /v1/events: the event stream (events_control.go)
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
 		writeJSON(w, http.StatusNotFound, errorResponse{Error: "no such control API route: " + req.Method + " " + req.URL.Path, Kind: "not_found"})
 	})

@@ -31,6 +31,8 @@ type Daemon struct {
 	att       *attacher   // /dev/nbdX attachments (attach.go)
 	auto      *autoLinear // events and auto_linear swaps (autolinear.go)
 	events    *eventRunner
+	bus       *eventBus // every event, fanned out (events.go)
+	mon       *monitor  // hydration events, rate and ETA (monitor.go)
 
 	ready chan struct{} // closed once every listener is up and devices are restored
 	done  chan struct{} // closed when Run returns

@@ -66,6 +66,8 @@ type device struct {
 	ops chan struct{}
 	// removed is closed when the device leaves the registry.
 	removed chan struct{}
+	// io counts NBD requests (iostats.go).
+	io *ioStats
 
 	mu sync.Mutex
 	// Guarded by mu.
@@ -90,6 +92,7 @@ func newDevice(name string, tbl target.Table, dir string, created time.Time, log
 		gate:    newGate(),
 		ops:     make(chan struct{}, 1),
 		removed: make(chan struct{}),
+		io:      newIOStats(),
 		table:   tbl,
 		dir:     dir,
 	}

@@ -26,4 +26,11 @@
 //     commit; only the dm status line does (as dm-clone's status does).
 //  7. Shutdown drains and suspends every device (committing metadata) before
 //     targets are closed, and waits for every goroutine it started.
+//  8. Raising an event never blocks: every subscriber (an events stream,
+//     the --on-event runner) has a bounded buffer; what does not fit is
+//     dropped for that subscriber alone, and a stream is told how many at
+//     the gap (events.go).
+//  9. Metering an NBD request costs atomic adds only: no lock, no
+//     allocation (iostats.go, internal/histogram); metrics are assembled at
+//     scrape time.
 package daemon

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -163,13 +164,34 @@ func (t *fakeTarget) Resume() error {
 }
 
 func (t *fakeTarget) Events() <-chan struct{} {
+	fromWait := calledFrom(".(*registry).wait")
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.eventsReads++
+	if fromWait {
+		// Only a waiter counts: every live clone's watcher (monitor.go)
+		// reads Events too.
+		t.eventsReads++
+	}
 	return t.events
 }
 
-// eventsRead reports whether a waiter has asked for Events.
+// calledFrom reports whether a function whose name ends in suffix is on
+// the caller's stack.
+func calledFrom(suffix string) bool {
+	pcs := make([]uintptr, 32)
+	frames := runtime.CallersFrames(pcs[:runtime.Callers(2, pcs)])
+	for {
+		f, more := frames.Next()
+		if strings.HasSuffix(f.Function, suffix) {
+			return true
+		}
+		if !more {
+			return false
+		}
+	}
+}
+
+// eventsRead reports whether a waiter (registry.wait) has asked for Events.
 func (t *fakeTarget) eventsRead() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()

@@ -22,6 +22,28 @@ type registryHooks struct {
 	// channel closed when its swap to linear is over (nil: nothing is
 	// pending), and the last failure of that swap.
 	autoLinearPending func(d *device) (<-chan struct{}, error)
+	// event publishes an event (events.go).
+	event func(ev Event)
+}
+
+// emit raises an event of device d, with its live table.
+func (r *registry) emit(d *device, kind, detail string) {
+	d.mu.Lock()
+	table := d.table.String()
+	d.mu.Unlock()
+	r.emitTable(d.name, kind, table, detail)
+}
+
+// emitTable raises an event of the device called name.
+func (r *registry) emitTable(name, kind, table, detail string) {
+	if r.hooks.event == nil {
+		return
+	}
+	ev := Event{Kind: kind, Device: name, Table: table, Detail: detail}
+	if r.hooks.attached != nil {
+		ev.NBD = r.hooks.attached(name)
+	}
+	r.hooks.event(ev)
 }
 
 func (r *registry) tableLive(d *device) {
@@ -34,13 +56,17 @@ func (r *registry) tableLive(d *device) {
 func (d *Daemon) hookUp() {
 	d.att = newAttacher(d.log, d.reg, d.cfg.StateDir)
 	d.events = newEventRunner(d.log, d.cfg.OnEvent)
-	d.auto = newAutoLinear(d.log, d.reg, d.events, d.goFunc)
+	d.bus = newEventBus(d.log, d.events)
+	d.mon = newMonitor(func(dev *device, kind, table, detail string) { d.reg.emitTable(dev.name, kind, table, detail) })
+	d.auto = newAutoLinear(d.log, d.reg, d.mon, d.goFunc)
 	d.reg.hooks = registryHooks{
 		live:              d.auto.live,
 		attached:          d.att.attachedTo,
 		removing:          d.att.removing,
 		autoLinearPending: d.auto.pending,
+		event:             d.bus.publish,
 	}
+	d.collector.bus, d.collector.mon = d.bus, d.mon
 }
 
 // startHooks runs once the devices are restored, before the daemon is

@@ -243,6 +243,7 @@ func (r *registry) create(ctx context.Context, name, line, dir string) (err erro
 	d.ready = true
 	d.mu.Unlock()
 	d.log.Info("device created", "table", tbl.String(), "dir", dir)
+	r.emit(d, EventCreated, "")
 	r.tableLive(d)
 	return nil
 }
@@ -354,6 +355,7 @@ func (r *registry) loadForce(ctx context.Context, name, line, dir string, force 
 		}
 	}
 	d.log.Info("table loaded", "table", tbl.String(), "dir", dir, "deferred_build", deferred)
+	r.emitTable(name, EventLoaded, tbl.String(), "")
 	return nil
 }
 
@@ -413,6 +415,7 @@ func (r *registry) suspendOpsHeld(ctx context.Context, d *device, timeout time.D
 	h.running = false
 	d.setSuspended(true)
 	d.log.Info("device suspended")
+	r.emit(d, EventSuspended, "")
 	return nil
 }
 
@@ -458,6 +461,7 @@ func (r *registry) resume(ctx context.Context, name string) error {
 	d.setSuspended(false)
 	d.gate.open()
 	d.log.Info("device resumed")
+	r.emit(d, EventResumed, "")
 	return nil
 }
 
@@ -516,6 +520,8 @@ func (r *registry) swapOpsHeld(ctx context.Context, d *device, in *loaded) error
 		r.retire(context.WithoutCancel(ctx), d, old)
 	}
 	d.log.Info("table swapped", "table", nh.table.String(), "dir", nh.dir)
+	r.emit(d, EventSwapped, "")
+	r.emit(d, EventResumed, "")
 	r.tableLive(d)
 	if err := r.state.save(recordOf(d, nh)); err != nil {
 		d.log.Error("saving state after a table swap", "err", err)
@@ -572,6 +578,7 @@ func (r *registry) failOpsHeld(d *device, cause error, lostOld bool) error {
 	d.setFailed(cause)
 	d.setSuspended(false)
 	d.gate.fail(target.ErrIO)
+	r.emit(d, EventFailed, cause.Error())
 	if !lostOld {
 		d.log.Error("device has no live table", "err", cause)
 		return cause
@@ -792,6 +799,7 @@ func (r *registry) remove(ctx context.Context, name string, force bool) error {
 		errs = append(errs, err)
 	}
 	d.log.Info("device removed", "forced", force, "connections", conns)
+	r.emit(d, EventRemoved, "")
 	if err := errors.Join(errs...); err != nil {
 		return wrapErr(ErrInternal, err, "device %s removed, but", name)
 	}
@@ -903,8 +911,10 @@ func (r *registry) restoreOne(ctx context.Context, e stateEntry) {
 		d.setFailed(err)
 		d.gate.fail(target.ErrIO)
 		d.log.Error("restoring device failed; it is listed as failed", "table", e.rec.Table, "err", err)
+		r.emit(d, EventFailed, err.Error())
 	} else {
 		d.log.Info("device restored", "table", tbl.String(), "dir", e.rec.Dir)
+		r.emit(d, EventRestored, "")
 	}
 	d.mu.Lock()
 	d.ready = true
@@ -1000,7 +1010,7 @@ func (r *registry) Lookup(name string) (nbdserver.Export, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if d := r.exportLocked(name); d != nil {
-		return d, true
+		return d.metered(), true
 	}
 	return nil, false
 }
@@ -1023,7 +1033,7 @@ func (r *registry) Open(name string) (nbdserver.Export, func(), bool) {
 			d.mu.Unlock()
 		})
 	}
-	return d, release, true
+	return d.metered(), release, true
 }
 
 func (r *registry) List() []nbdserver.ExportInfo {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -25,6 +26,9 @@ type CopierOptions struct {
 	// together: what a remote source needs to hide its round trip. 0 copies
 	// one chunk at a time (local devices, dm-clone's kcopyd).
 	InFlightBytes int64
+	// ObserveRead, if set, is told how long each source read took (for
+	// a latency histogram; it must not block).
+	ObserveRead func(time.Duration)
 }
 
 // zeroer is the destination's efficient zeroing (blockdev.Device has it).
@@ -48,6 +52,8 @@ type Copier struct {
 	slots chan struct{}
 	// fd is the destination's descriptor for writeback hints; -1 if none.
 	fd int
+	// observeRead times source reads; nil when nobody asked.
+	observeRead func(time.Duration)
 
 	copiedBytes atomic.Int64
 	holeBytes   atomic.Int64
@@ -60,7 +66,7 @@ func NewCopier(src io.ReaderAt, dst io.WriterAt, opts CopierOptions) *Copier {
 	if chunk <= 0 {
 		chunk = DefaultChunk
 	}
-	c := &Copier{src: src, dst: dst, chunk: chunk, fd: -1}
+	c := &Copier{src: src, dst: dst, chunk: chunk, fd: -1, observeRead: opts.ObserveRead}
 	if f, ok := dst.(interface{ Fd() uintptr }); ok {
 		c.fd = int(f.Fd())
 	}
@@ -201,7 +207,12 @@ func (c *Copier) copyParallel(ctx context.Context, off, n int64) error {
 }
 
 func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64) error {
-	if err := readFull(ctx, c.src, buf, off); err != nil {
+	start := time.Now()
+	err := readFull(ctx, c.src, buf, off)
+	if c.observeRead != nil {
+		c.observeRead(time.Since(start))
+	}
+	if err != nil {
 		return fmt.Errorf("hydrate: read source at %d+%d: %w", off, len(buf), err)
 	}
 	if _, err := c.dst.WriteAt(buf, off); err != nil {

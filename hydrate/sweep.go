@@ -146,6 +146,11 @@ type Sweeper struct {
 	retryAt   time.Time
 	lastBatch time.Time
 	hints     []hintRange
+	// busy: the last background batch considered found user I/O in
+	// flight (it is held back to one batch per BusyInterval).
+	busy bool
+	// retries counts failed batches whose regions are retried later.
+	retries uint64
 }
 
 // NewSweeper returns a paused sweeper; call Resume to start it.
@@ -265,6 +270,7 @@ func (s *Sweeper) fill() time.Duration {
 			cause, from, limit = CauseHint, h.start, h.end
 		} else {
 			busy = s.p.Busy()
+			s.busy = busy
 			if busy {
 				if s.opts.BusyInterval < 0 {
 					s.mu.Unlock()
@@ -416,6 +422,7 @@ func (s *Sweeper) failedLocked(start, count, gen uint64, err error) string {
 	case worst >= s.opts.MaxRegionErrors:
 		s.stopped = fmt.Sprintf("region %d failed %d times in a row, last: %v", worstRegion, worst, err)
 	default:
+		s.retries++
 		return ""
 	}
 	s.hints = nil
@@ -539,17 +546,30 @@ type State struct {
 	InFlight                           uint64
 	QueuedHints                        int
 	Stopped                            string
+	// Why background batches wait now (ours, for metrics): the rate
+	// limit's token bucket, user I/O in flight, a backoff after errors.
+	Throttled, BusyPaused, BackingOff bool
+	// Retries counts failed batches whose regions are retried later.
+	Retries uint64
 }
 
 // State returns a snapshot.
 func (s *Sweeper) State() State {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return State{
+	st := State{
 		Enabled: s.enabled, Threshold: s.threshold, BatchSize: s.batchSize, Rate: s.rate,
 		EffectiveThreshold: s.thresholdLocked(), EffectiveBatch: s.batchLocked(),
 		InFlight: s.inFlight, QueuedHints: len(s.hints), Stopped: s.stopped,
+		Retries: s.retries,
 	}
+	if st.Enabled && !s.paused && st.Stopped == "" && s.p.CanHydrate() {
+		now := time.Now()
+		st.Throttled = now.Before(s.rateAt)
+		st.BackingOff = now.Before(s.retryAt)
+		st.BusyPaused = s.busy && s.p.Busy()
+	}
+	return st
 }
 
 // Close stops the sweeper: copies in flight see a cancelled context

@@ -85,6 +85,8 @@ type clone struct {
 	sourceID                  string
 	cacheBatch, cacheParallel uint64
 
+	obs cloneObs // metrics: commits by trigger, latencies (observe.go)
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -260,6 +262,7 @@ func newClone(ctx context.Context, t Table, env Env) (Target, error) {
 		group:     newSyncGroup(),
 		commitReq: make(chan struct{}, 1),
 		events:    make(chan struct{}),
+		obs:       newCloneObs(),
 	}
 	c.passdown.Store(cfg.passdown)
 	c.suspended.Store(true)
@@ -271,7 +274,8 @@ func newClone(ctx context.Context, t Table, env Env) (Target, error) {
 		window, request = r.Window()
 	}
 	chunk := max(int64(hydrate.DefaultChunk), request)
-	c.copier = hydrate.NewCopier(src, dst, hydrate.CopierOptions{Chunk: int(chunk), InFlightBytes: window})
+	c.copier = hydrate.NewCopier(src, dst, hydrate.CopierOptions{Chunk: int(chunk), InFlightBytes: window,
+		ObserveRead: c.obs.sourceCopy.Observe})
 	c.cacheBatch = max(uint64(cfg.batchSize), uint64(max(1, chunk/geom.RegionSize())))
 	c.cacheParallel = uint64(max(1, window/(int64(c.cacheBatch)*geom.RegionSize())))
 	c.sweeper = hydrate.NewSweeper(c, hydrate.Options{
@@ -379,7 +383,10 @@ func (c *clone) ReadAt(ctx context.Context, p []byte, off int64) error {
 			return readFull(ctx, c.dst, buf, o, "destination")
 		}
 		c.stats.sourceRead.Add(n)
-		if err := readFull(ctx, c.src, buf, o, "source"); err != nil {
+		start := time.Now()
+		err := readFull(ctx, c.src, buf, o, "source")
+		c.obs.sourceRead.Since(start)
+		if err != nil {
 			return err
 		}
 		if c.cfg.readHints {
@@ -431,7 +438,7 @@ func (c *clone) WriteAt(ctx context.Context, p []byte, off int64, fua bool) erro
 		return err
 	}
 	if fua {
-		return c.flush()
+		return c.flush(triggerFUA)
 	}
 	return nil
 }
@@ -529,7 +536,7 @@ func (c *clone) WriteZeroes(ctx context.Context, off, n int64, fua bool) error {
 		return err
 	}
 	if fua {
-		return c.flush()
+		return c.flush(triggerFUA)
 	}
 	return nil
 }
@@ -664,15 +671,16 @@ func (c *clone) Flush(ctx context.Context) error {
 	}
 	c.enter()
 	defer c.exit()
-	return c.flush()
+	return c.flush(triggerFlush)
 }
 
-func (c *clone) flush() error {
-	return c.group.do(c.commit)
+func (c *clone) flush(why commitTrigger) error {
+	return c.group.do(func() error { return c.commit(why) })
 }
 
-// commit is one run of the sync group.
-func (c *clone) commit() error {
+// commit is one run of the sync group; why is the trigger of the caller
+// that runs it (concurrent callers share the run).
+func (c *clone) commit(why commitTrigger) error {
 	if !c.md.Changed() {
 		if err := c.dst.Sync(); err != nil {
 			return fmt.Errorf("target: flush destination: %w", err)
@@ -680,7 +688,12 @@ func (c *clone) commit() error {
 		return nil
 	}
 	before := c.md.Mode()
+	start := time.Now()
 	err := c.md.Commit(c.dst)
+	c.obs.commitLatency.Since(start)
+	if err == nil {
+		c.obs.commits[why].Add(1)
+	}
 	if c.md.Mode() != before {
 		c.raiseEvent()
 	}
@@ -695,11 +708,11 @@ func (c *clone) commit() error {
 }
 
 // commitIfChanged commits when metadata changed (periodic, status, suspend).
-func (c *clone) commitIfChanged() error {
+func (c *clone) commitIfChanged(why commitTrigger) error {
 	if !c.md.Changed() {
 		return nil
 	}
-	return c.group.do(c.commit)
+	return c.flush(why)
 }
 
 // Cache hydrates the unhydrated regions of the range before it returns
@@ -849,7 +862,7 @@ func (c *clone) Status() string {
 		return "Fail"
 	}
 	if !c.suspended.Load() {
-		if err := c.commitIfChanged(); err != nil {
+		if err := c.commitIfChanged(triggerStatus); err != nil {
 			c.log.Warn("commit before status failed", "err", err)
 		}
 		if c.md.Mode() == metadata.ModeFail {
@@ -993,6 +1006,9 @@ func (c *clone) remoteInfo(ci *CloneInfo, st hydrate.State) {
 	ci.SourceID = c.sourceID
 	ci.Stats.HydratedHintBytes = c.stats.hint.Load()
 	ci.Stats.SourceHoleBytes = c.copier.HoleBytes()
+	ci.Throttled, ci.BusyPaused, ci.BackingOff = st.Throttled, st.BusyPaused, st.BackingOff
+	ci.CopyRetries = st.Retries
+	c.obs.fill(&ci.Stats)
 	if c.remote != nil {
 		rs := c.remote.RemoteStats()
 		ci.Remote = &rs
@@ -1005,7 +1021,7 @@ func (c *clone) Suspend(ctx context.Context) error {
 	c.sweeper.Pause()
 	c.stopWaker()
 	c.suspended.Store(true)
-	if err := c.commitIfChanged(); err != nil {
+	if err := c.commitIfChanged(triggerSuspend); err != nil {
 		c.log.Warn("commit at suspend failed", "err", err)
 	}
 	return nil
@@ -1049,13 +1065,15 @@ func (c *clone) waker(ctx context.Context, done chan struct{}) {
 	t := time.NewTicker(commitPeriod)
 	defer t.Stop()
 	for {
+		why := triggerPeriodic
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		case <-c.commitReq:
+			why = triggerComplete
 		}
-		if err := c.commitIfChanged(); err != nil {
+		if err := c.commitIfChanged(why); err != nil {
 			c.log.Warn("periodic commit failed", "err", err)
 		}
 		before := c.md.Mode()
@@ -1096,7 +1114,7 @@ func (c *clone) Close() error {
 		c.stopWaker()
 		var errs []error
 		if c.md.Mode() == metadata.ModeRW {
-			if err := c.commitIfChanged(); err != nil {
+			if err := c.commitIfChanged(triggerClose); err != nil {
 				errs = append(errs, err)
 			}
 		}

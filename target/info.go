@@ -1,6 +1,9 @@
 package target
 
-import "github.com/nbdclone/nbdclone/blockdev"
+import (
+	"github.com/nbdclone/nbdclone/blockdev"
+	"github.com/nbdclone/nbdclone/internal/histogram"
+)
 
 // Info is a structured snapshot of a target, for JSON status, metrics and
 // progress. Counters only grow for the life of the target.
@@ -50,6 +53,15 @@ type CloneInfo struct {
 	// Remote are a remote source's counters (absent for local sources).
 	Remote *blockdev.RemoteStats `json:"remote,omitempty"`
 
+	// Why background hydration waits now: the hydration_rate limit, user
+	// I/O in flight (one batch per second then), a backoff after copy
+	// errors. All false while it runs freely, is disabled or is done.
+	Throttled  bool `json:"throttled"`
+	BusyPaused bool `json:"busy_paused"`
+	BackingOff bool `json:"backing_off"`
+	// CopyRetries counts failed background batches retried later.
+	CopyRetries uint64 `json:"copy_retries"`
+
 	Mode          string `json:"mode"` // "rw", "ro" or "Fail"
 	MetadataUsed  uint64 `json:"metadata_used_blocks"`
 	MetadataTotal uint64 `json:"metadata_total_blocks"`
@@ -78,4 +90,14 @@ type CloneStats struct {
 	Commits          uint64 `json:"metadata_commits"`
 	CommitErrors     uint64 `json:"metadata_commit_errors"`
 	CommitNanosTotal int64  `json:"metadata_commit_nanos_total"`
+	// CommitsByTrigger splits the successful commits by what asked for
+	// them (CommitFlush, CommitFUA, ...); every trigger is present.
+	CommitsByTrigger map[string]uint64 `json:"metadata_commits_by_trigger"`
+
+	// Latency histograms, for metrics only: a commit (destination sync
+	// and metadata write), a user read served by the source, a copy's
+	// source read.
+	CommitLatency     histogram.Snapshot `json:"-"`
+	SourceReadLatency histogram.Snapshot `json:"-"`
+	SourceCopyLatency histogram.Snapshot `json:"-"`
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nbdclone/nbdclone/daemon"
+	"github.com/nbdclone/nbdclone/internal/rate"
 	"github.com/nbdclone/nbdclone/target"
 )
 
@@ -15,8 +16,6 @@ const (
 	progressPoll = 250 * time.Millisecond
 	// progressLineEvery paces progress lines when stdout is not a terminal.
 	progressLineEvery = 5 * time.Second
-	// rateWindow is how far back the rate is measured.
-	rateWindow = 10 * time.Second
 )
 
 // waitProgress long-polls Wait while polling the JSON status for a
@@ -54,27 +53,24 @@ func waitProgress(ctx context.Context, cl *daemon.Client, name string, out io.Wr
 	}
 }
 
-type progressSample struct {
-	at    time.Time
-	bytes int64
-}
-
 // progress renders hydration progress: a redrawn bar on a terminal, a line
 // every progressLineEvery otherwise.
 type progress struct {
-	name  string
-	out   io.Writer
-	tty   bool
-	width int
-	now   func() time.Time
+	name string
+	// showState adds why hydration waits (status --watch).
+	showState bool
+	out       io.Writer
+	tty       bool
+	width     int
+	now       func() time.Time
 
-	samples  []progressSample
+	rate     *rate.Estimator // shared with the daemon's rate and ETA metrics
 	lastLine time.Time
 	drawn    bool // a bar is on screen without a newline
 }
 
 func newProgress(name string, out io.Writer, tty bool, width int, now func() time.Time) *progress {
-	return &progress{name: name, out: out, tty: tty, width: width, now: now}
+	return &progress{name: name, out: out, tty: tty, width: width, now: now, rate: rate.New(rate.Window)}
 }
 
 func hydratedBytes(info target.Info) int64 {
@@ -85,29 +81,13 @@ func hydratedBytes(info target.Info) int64 {
 	return min(int64(c.HydratedRegions)*c.RegionSize, info.Size)
 }
 
-// rate is bytes per second over rateWindow, or -1 when unknown.
-func (p *progress) rate() float64 {
-	if len(p.samples) < 2 {
-		return -1
-	}
-	first, last := p.samples[0], p.samples[len(p.samples)-1]
-	dt := last.at.Sub(first.at).Seconds()
-	if dt <= 0 {
-		return -1
-	}
-	return float64(last.bytes-first.bytes) / dt
-}
-
 func (p *progress) update(info target.Info) {
 	c := info.Clone
 	if c == nil || c.Regions == 0 {
 		return
 	}
 	t := p.now()
-	p.samples = append(p.samples, progressSample{at: t, bytes: hydratedBytes(info)})
-	for len(p.samples) > 2 && t.Sub(p.samples[0].at) > rateWindow {
-		p.samples = p.samples[1:]
-	}
+	p.rate.Add(t, hydratedBytes(info))
 	if p.tty {
 		p.drawBar(info)
 		return
@@ -127,36 +107,31 @@ func (p *progress) fraction(info target.Info) float64 {
 }
 
 // stats is "12.3 MiB/s, ETA 1m20s" (or unknowns).
-func (p *progress) stats(info target.Info) (rate, eta string) {
-	r := p.rate()
+func (p *progress) stats(info target.Info) (rateText, eta string) {
+	r := p.rate.Rate()
 	if r < 0 {
 		return "-- MiB/s", "--"
 	}
-	rate = fmt.Sprintf("%.1f MiB/s", r/(1<<20))
-	left := info.Size - hydratedBytes(info)
-	switch {
-	case left <= 0:
-		eta = "0s"
-	case r <= 0:
-		eta = "--"
-	default:
-		eta = (time.Duration(float64(left) / r * float64(time.Second))).Round(time.Second).String()
+	rateText = fmt.Sprintf("%.1f MiB/s", r/(1<<20))
+	left, ok := p.rate.ETA(info.Size - hydratedBytes(info))
+	if !ok {
+		return rateText, "--"
 	}
-	return rate, eta
+	return rateText, left.Round(time.Second).String()
 }
 
 // line is the non-terminal progress line.
 func (p *progress) line(info target.Info) string {
 	c := info.Clone
 	rate, eta := p.stats(info)
-	return fmt.Sprintf("%s: %5.1f%% hydrated (%d/%d regions), %s, ETA %s",
-		p.name, 100*p.fraction(info), c.HydratedRegions, c.Regions, rate, eta)
+	return fmt.Sprintf("%s: %5.1f%% hydrated (%d/%d regions), %s, ETA %s%s",
+		p.name, 100*p.fraction(info), c.HydratedRegions, c.Regions, rate, eta, p.state(info))
 }
 
 func (p *progress) drawBar(info target.Info) {
 	rate, eta := p.stats(info)
 	frac := p.fraction(info)
-	tail := fmt.Sprintf(" %5.1f%%  %s  ETA %s", 100*frac, rate, eta)
+	tail := fmt.Sprintf(" %5.1f%%  %s  ETA %s%s", 100*frac, rate, eta, p.state(info))
 	barWidth := p.width - len(p.name) - len(tail) - 4
 	bar := ""
 	if barWidth >= 10 {
@@ -188,5 +163,60 @@ func (p *progress) abort() {
 	if p.drawn {
 		fmt.Fprintln(p.out)
 		p.drawn = false
+	}
+}
+
+// state is why hydration waits, for status --watch ("" otherwise).
+func (p *progress) state(info target.Info) string {
+	c := info.Clone
+	if !p.showState || c == nil || c.Hydrated {
+		return ""
+	}
+	switch {
+	case c.Mode != "rw":
+		return "  [metadata " + c.Mode + "]"
+	case c.HydrationStopped != "":
+		return "  [stopped on errors]"
+	case !c.HydrationEnabled:
+		return "  [hydration disabled]"
+	case c.BackingOff:
+		return "  [retrying after errors]"
+	case c.BusyPaused:
+		return "  [yielding to I/O]"
+	}
+	return ""
+}
+
+// watchProgress is status --watch: the progress display of waitProgress,
+// from polls of the JSON status alone, until the clone is hydrated or ctx
+// ends (Ctrl-C: a normal end). It never fails on the hydration's state.
+func watchProgress(ctx context.Context, cl *daemon.Client, name string, out io.Writer, now func() time.Time) error {
+	p := newProgress(name, out, isTerminal(out), terminalWidth(out, 80), now)
+	p.showState = true
+	tick := time.NewTicker(progressPoll)
+	defer tick.Stop()
+	for {
+		st, err := cl.Info(ctx, name)
+		switch {
+		case ctx.Err() != nil:
+			p.abort()
+			return nil
+		case err != nil:
+			p.abort()
+			return err
+		case st.Info == nil:
+			p.abort()
+			return fmt.Errorf("device %s failed: %s", name, st.Error)
+		case st.Info.Clone == nil || st.Info.Clone.Hydrated:
+			p.finish(*st.Info)
+			return nil
+		}
+		p.update(*st.Info)
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			p.abort()
+			return nil
+		}
 	}
 }

@@ -51,7 +51,8 @@ const rootExample = `  nbdclone serve &
   nbdclone create clone --table "0 2097152 clone ./md ./dest.img /dev/sdb 8 1 no_hydration"
   nbdcopy 'nbd+unix:///clone?socket=/run/nbdclone/nbd.sock' copy.img
   nbdclone message clone 0 enable_hydration
-  nbdclone wait clone --progress
+  nbdclone status clone --watch      # or: nbdclone wait clone --progress
+  nbdclone events clone --until hydrated
   nbdclone suspend clone
   nbdclone load clone --table "0 2097152 linear ./dest.img 0"
   nbdclone resume clone`
@@ -95,6 +96,7 @@ func newRootCmd(e *env) *cobra.Command {
 		c.removeCmd(),
 		c.lsCmd(),
 		c.waitCmd(),
+		c.eventsCmd(),
 		c.attachCmd(),
 		c.detachCmd(),
 	)
@@ -329,6 +331,7 @@ func writeJSON(w io.Writer, v any) error {
 
 func (c *cli) statusCmd() *cobra.Command {
 	var output string
+	var watch bool
 	cmd := &cobra.Command{
 		Use:   "status [NAME]",
 		Short: "Print the status of one device or of every device",
@@ -347,9 +350,17 @@ Without NAME, one line per device: "NAME: <status line>".
 
 With -o json, the device and a structured snapshot of its target (regions,
 hydration, metadata mode, counters) are printed instead; that never commits
-metadata.`,
+metadata.
+
+With --watch, follow clone device NAME's hydration instead: a live progress
+bar (percent, rate in MiB/s over the last 10 seconds, ETA, and why hydration
+waits, if it does) on a terminal, or a progress line every 5 seconds when
+stdout is not one. It ends when hydration completes, or on Ctrl-C (exit 0);
+unlike "wait --progress" it keeps watching through stopped or disabled
+hydration.`,
 		Example: `  nbdclone status clone
-  nbdclone status -o json clone`,
+  nbdclone status -o json clone
+  nbdclone status clone --watch`,
 		Args: args(0, 1, "at most one NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			if err := checkOutput(cmd, output); err != nil {
@@ -357,7 +368,13 @@ metadata.`,
 			}
 			ctx := cmd.Context()
 			out := c.env.stdout
+			if watch && (len(a) != 1 || output == "json") {
+				return &usageError{cmd: cmd.CommandPath(), err: errors.New("status: --watch wants one NAME and text output")}
+			}
 			return c.withClient(ctx, func(cl *daemon.Client) error {
+				if watch {
+					return watchProgress(ctx, cl, a[0], out, time.Now)
+				}
 				if len(a) == 1 {
 					if output == "json" {
 						st, err := cl.Info(ctx, a[0])
@@ -412,6 +429,7 @@ metadata.`,
 		},
 	}
 	outputFlag(cmd, &output)
+	cmd.Flags().BoolVarP(&watch, "watch", "w", false, "follow hydration with a progress bar until it completes")
 	return cmd
 }
 

@@ -101,7 +101,7 @@ verifies peers).`,
 	f.BoolVar(&pprof, "pprof", false, "also serve Go's profiler at /debug/pprof/ on the --metrics listener")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
-	f.StringVar(&onEvent, "on-event", "", "shell command run on each event (hydrated, linear, auto_linear_failed, hydration_stopped), with $NBDCLONE_EVENT, $NBDCLONE_DEVICE, $NBDCLONE_NBD, $NBDCLONE_TABLE, $NBDCLONE_DETAIL")
+	f.StringVar(&onEvent, "on-event", "", "shell command run on each event (created, hydrated, hydration_stopped, suspended, swapped, removed, ...: see nbdclone events --help), with $NBDCLONE_EVENT, $NBDCLONE_DEVICE, $NBDCLONE_NBD, $NBDCLONE_TABLE, $NBDCLONE_DETAIL")
 	f.StringVar(&tlsCfg.Mode, "tls", "off", "TLS for NBD clients: off, on (offered) or require")
 	f.StringVar(&tlsCfg.Cert, "tls-cert", "", "PEM server certificate (with its chain), for --tls on|require")
 	f.StringVar(&tlsCfg.Key, "tls-key", "", "PEM private key of --tls-cert")
