@@ -701,6 +701,21 @@ func (s *Store) Commit(dest Syncer) error {
 	return nil
 }
 
+// DestinationFailed handles a destination flush that failed outside a
+// commit (nothing to commit): as in a commit, the transaction is aborted,
+// the committed bitmap reloaded and the store goes ro. The destination may
+// have dropped acknowledged writes (the kernel reports a lost writeback
+// once, then syncs succeed again), so nothing may claim durability from
+// here on.
+func (s *Store) DestinationFailed(cause error) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	return s.failedLocked("destination flush", cause, true)
+}
+
 // releaseIfDone drops the in-core bitmap once every region is hydrated and
 // nothing is left to commit: from then on every region reads as hydrated.
 func (s *Store) releaseIfDone() {

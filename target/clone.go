@@ -681,9 +681,19 @@ func (c *clone) flush(why commitTrigger) error {
 // commit is one run of the sync group; why is the trigger of the caller
 // that runs it (concurrent callers share the run).
 func (c *clone) commit(why commitTrigger) error {
+	if m := c.md.Mode(); m != metadata.ModeRW {
+		// A commit failed: the writes of its aborted transaction may read
+		// from the source again or be lost at the next restart. dm-clone
+		// still passes later flushes down and they succeed; a flush that
+		// succeeds promises those writes, so here none does until the
+		// table is reloaded.
+		return fmt.Errorf("target: metadata is %s after a failed commit; flushes fail until the table is reloaded: %w", m, ErrIO)
+	}
 	if !c.md.Changed() {
 		if err := c.dst.Sync(); err != nil {
-			return fmt.Errorf("target: flush destination: %w", err)
+			err = c.md.DestinationFailed(err)
+			c.raiseEvent()
+			return fmt.Errorf("target: flush destination: %w: %w", err, ErrIO)
 		}
 		return nil
 	}

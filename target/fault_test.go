@@ -71,8 +71,10 @@ func failNthRun(t *testing.T, seed uint64, n int) (finished bool) {
 	f := newFixture(t, size, seed)
 	plan := faultdev.NewPlan(-1)
 	var count atomic.Int64
+	var failedOp atomic.Pointer[faultdev.Op]
 	plan.SetFail(func(op faultdev.Op, off, ln int64) error {
 		if count.Add(1) == int64(n)+1 {
+			failedOp.Store(&op)
 			return fmt.Errorf("injected %s failure at %d+%d: %w", op, off, ln, faultdev.ErrInjected)
 		}
 		return nil
@@ -90,6 +92,25 @@ func failNthRun(t *testing.T, seed uint64, n int) (finished bool) {
 		possible[j] = []byte{f.srcData[j]}
 	}
 	anything := make([]bool, size)
+	// since[j]: the values byte j held since the last successful flush
+	// (its value then first). A failed destination sync aborts the
+	// metadata transaction and reloads the committed bitmap (dm-clone):
+	// the regions it had marked read the source again, so any of those
+	// values may read back. The next flush reports it (EIO).
+	since := make([][]byte, size)
+	for j := range since {
+		since[j] = []byte{f.srcData[j]}
+	}
+	var merged bool
+	mergeAfterSyncFailure := func() {
+		if merged || failedOp.Load() == nil || *failedOp.Load() != faultdev.OpSync {
+			return
+		}
+		merged = true
+		for j := range possible {
+			possible[j] = append(possible[j], since[j]...)
+		}
+	}
 	ctx := context.Background()
 	for i := 0; i < *faultOps; i++ {
 		off := rng.Int64N(size - 1)
@@ -110,6 +131,9 @@ func failNthRun(t *testing.T, seed uint64, n int) (finished bool) {
 					possible[j] = append(possible[j], p[0])
 				}
 			}
+			for j := off; j < off+ln; j++ {
+				since[j] = append(since[j], p[0])
+			}
 		case op < 5:
 			first, cnt := tg.(*clone).geom.WholeRegions(off, ln)
 			tg.Trim(ctx, off, ln)
@@ -120,10 +144,18 @@ func failNthRun(t *testing.T, seed uint64, n int) (finished bool) {
 				}
 			}
 		case op < 6:
-			tg.Flush(ctx)
+			if tg.Flush(ctx) == nil {
+				if st := tg.Status(); !strings.HasSuffix(st, " rw") {
+					t.Fatalf("fail point %d: a flush succeeded in mode %q", n, st)
+				}
+				for j := range since {
+					since[j] = append(since[j][:0], possible[j]...)
+				}
+			}
 		default:
 			p := make([]byte, ln)
 			err := tg.ReadAt(ctx, p, off)
+			mergeAfterSyncFailure()
 			if err != nil {
 				if !errors.Is(err, syscall.EIO) {
 					t.Fatalf("fail point %d: read error %v is not EIO", n, err)
@@ -190,6 +222,14 @@ func TestReadOnlyModeAfterFailedCommit(t *testing.T) {
 	}
 	if err := tg.WriteAt(ctx, fill(10, 3), 100, false); err != nil {
 		t.Fatalf("write to a hydrated region in ro: %v", err)
+	}
+	// Region 1's acknowledged write is gone from reads: no flush may
+	// succeed after that (dm-clone's would, with nothing left to commit).
+	if err := tg.Flush(ctx); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("flush in ro after a failed commit: %v, want EIO", err)
+	}
+	if err := tg.WriteAt(ctx, fill(10, 3), 200, true); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("FUA write in ro after a failed commit: %v, want EIO", err)
 	}
 	if err := tg.WriteAt(ctx, fill(10, 3), 5*4096, false); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("write to an unhydrated region in ro: %v, want EIO", err)
@@ -366,4 +406,42 @@ func TestTruncatedSourceIsNotZeroes(t *testing.T) {
 		t.Errorf("read past the truncated source succeeded: % x…", p[:8])
 	}
 	t.Logf("stopped: %s", tg.Info().Clone.HydrationStopped)
+}
+
+// TestFailedDestinationSyncIsSticky: a destination sync that fails when
+// there is nothing to commit still aborts to ro: the kernel reports a lost
+// writeback once and later syncs succeed, so a later flush must not.
+func TestFailedDestinationSyncIsSticky(t *testing.T) {
+	f := newFixture(t, 16*4096, 43)
+	plan := faultdev.NewPlan(-1)
+	tb, _ := ParseTable(f.line(8, "1 no_hydration"))
+	tg, err := Build(bg, tb, faultEnv(f, plan))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	tg.Resume()
+	ctx := context.Background()
+	if err := tg.WriteAt(ctx, fill(4096, 1), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.WriteAt(ctx, fill(100, 2), 0, false); err != nil { // hydrated: no metadata change
+		t.Fatal(err)
+	}
+	var failed atomic.Bool
+	plan.SetFail(func(op faultdev.Op, _, _ int64) error {
+		if op == faultdev.OpSync && !failed.Swap(true) {
+			return faultdev.ErrInjected
+		}
+		return nil
+	})
+	if err := tg.Flush(ctx); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("flush with a failing sync: %v, want EIO", err)
+	}
+	if err := tg.Flush(ctx); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("second flush after a failed sync: %v, want EIO", err)
+	}
+	if s := tg.Status(); !strings.HasSuffix(s, " ro") {
+		t.Fatalf("status after a failed sync: %q", s)
+	}
 }
