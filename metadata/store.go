@@ -96,6 +96,9 @@ type Superblock struct {
 	SourceSize int64     `json:"source_size"`
 	SourceID   string    `json:"source_id,omitempty"` // a pin: ETag, Last-Modified + size
 	Created    time.Time `json:"created"`
+	// PreviousSources are the sources this clone was redirected from,
+	// oldest first (SetSource).
+	PreviousSources []string `json:"previous_sources,omitempty"`
 }
 
 // Options open a store.
@@ -760,5 +763,35 @@ func (s *Store) Close() error {
 	if err := s.kv.Close(); err != nil {
 		return fmt.Errorf("metadata: close: %w", err)
 	}
+	return nil
+}
+
+// SetSource records that the clone now reads its unhydrated regions from
+// source (a redirect onto its parent's source): the superblock is
+// rewritten in one synced transaction, the old source kept in
+// PreviousSources. The pin is cleared: the next Open pins the new source.
+// The caller has made every region where the two sources differ hydrated
+// and committed.
+func (s *Store) SetSource(source string) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if s.Mode() != ModeRW {
+		return ErrReadOnly
+	}
+	if s.sb.Source == source {
+		return nil
+	}
+	sb := s.sb
+	sb.PreviousSources = append(append([]string(nil), sb.PreviousSources...), sb.Source)
+	sb.Source, sb.SourceID = source, ""
+	b, _ := json.Marshal(sb)
+	if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+		return fmt.Errorf("metadata: recording the new source: %w", err)
+	}
+	s.sb = sb
+	s.log.Info("source switched", "source", source, "previous", sb.PreviousSources)
 	return nil
 }

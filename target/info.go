@@ -49,6 +49,9 @@ type CloneInfo struct {
 	SourceID string `json:"source_id,omitempty"`
 	// Remote are a remote source's counters (absent for local sources).
 	Remote *blockdev.RemoteStats `json:"remote,omitempty"`
+	// SourceCache are the counters of the source reader this clone shares
+	// with the other clones of the same source (absent when not shared).
+	SourceCache *blockdev.SourceCacheStats `json:"source_cache,omitempty"`
 
 	Mode          string `json:"mode"` // "rw", "ro" or "Fail"
 	MetadataUsed  uint64 `json:"metadata_used_blocks"`

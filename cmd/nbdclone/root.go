@@ -97,6 +97,9 @@ func newRootCmd(e *env) *cobra.Command {
 		c.waitCmd(),
 		c.attachCmd(),
 		c.detachCmd(),
+		c.showCmd(),
+		c.redirectCmd(),
+		c.splitCmd(),
 	)
 	return root
 }
