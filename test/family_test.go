@@ -1,0 +1,168 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nbdclone/nbdclone/daemon"
+	"github.com/nbdclone/nbdclone/internal/harness"
+	"github.com/nbdclone/nbdclone/internal/testutil"
+)
+
+// showFamily is `nbdclone show -o json NAME`.
+func showFamily(t testing.TB, d *harness.Daemon, name string) daemon.Family {
+	t.Helper()
+	var f daemon.Family
+	if err := json.Unmarshal([]byte(cli(t, d, "show", "-o", "json", name)), &f); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// exportSum copies an export with nbdcopy and returns the copy's sha256.
+func exportSum(t testing.TB, uri, dir, name string) string {
+	t.Helper()
+	out := filepath.Join(dir, name)
+	run(t, "nbdcopy", uri, out)
+	sum := sha256File(t, out)
+	os.Remove(out)
+	return sum
+}
+
+// TestCloneFamilyChain: golden → a → b, with writes at each level (golden
+// is written before a is made, a before b is made), reads back right
+// through b (qemu-img compare against the expected image). While b reads
+// a, a refuses writes with EPERM on a connection opened before b existed
+// (nbdsh, libnbd) and is advertised read-only to new ones, and `remove a`
+// fails naming b. `show` gives the chain and children. `redirect b` moves
+// b onto golden with its data unchanged (checksum), a can then be removed,
+// and b survives a daemon restart; `split b` leaves a linear device that
+// equals what b showed.
+func TestCloneFamilyChain(t *testing.T) {
+	testutil.NeedTool(t, "qemu-io")
+	testutil.NeedTool(t, "qemu-img")
+	testutil.NeedTool(t, "nbdcopy")
+	testutil.NeedTool(t, "nbdinfo")
+	d := harness.Serve(t)
+	const size = 32<<20 + 3*4096 // a partial 64 KiB-cache block at the end
+	golden := filepath.Join(d.Dir, "golden.img")
+	img := randomBytes(91, size)
+	// Level 0: the golden image, with a pattern of its own.
+	copy(img[1<<20:], pattern(0x60, 12345))
+	writeFile(t, golden, img)
+
+	// Level 1: a, a clone of golden, written.
+	harness.MakeImage(t, filepath.Join(d.Dir, "a.dst"), size)
+	cli(t, d, "create", "a", "--table", fmt.Sprintf("0 %d clone a.md a.dst golden.img 8 1 no_hydration", size/sector))
+	writeAndCheck(t, d.URI("a"), img,
+		imageWrite{off: 4096, n: 8192, fill: 0xa1},         // whole regions: no copy
+		imageWrite{off: 3<<20 + 100, n: 5000, fill: 0xa2},  // partial: copied first
+		imageWrite{off: 5 << 20, n: 1 << 20, zero: true},   // write zeroes
+		imageWrite{off: size - 3000, n: 3000, fill: 0xa3}, // the tail
+	)
+
+	// A connection to a opened while it is still writable.
+	sh := nbdshell(t)
+	script := fmt.Sprintf(`
+import subprocess, nbd
+subprocess.run([%q, "create", "b", "--table", %q], check=True, cwd=%q, env=%s)
+try:
+    h.pwrite(b"x" * 4096, 0)
+    print("WRITE-OK")
+except nbd.Error as e:
+    print("WRITE-ERRNO", e.errno)
+try:
+    h.zero(4096, 8192)
+    print("ZERO-OK")
+except nbd.Error as e:
+    print("ZERO-ERRNO", e.errno)
+`, d.Bin, fmt.Sprintf("0 %d clone b.md b.dst dev:a 8 1 no_hydration", size/sector), d.Dir, pyEnv(d))
+	harness.MakeImage(t, filepath.Join(d.Dir, "b.dst"), size)
+	out, err := runErr(sh[0], append(sh[1:], "-u", d.URI("a"), "-c", script)...)
+	if err != nil || !strings.Contains(out, "WRITE-ERRNO EPERM") || !strings.Contains(out, "ZERO-ERRNO EPERM") {
+		t.Fatalf("write to a after b was created on it: %v\n%s", err, out)
+	}
+	// New connections are told a is read-only.
+	var info struct {
+		Exports []struct {
+			ReadOnly bool `json:"is_read_only"`
+		} `json:"exports"`
+	}
+	if err := json.Unmarshal([]byte(run(t, "nbdinfo", "--json", d.URI("a"))), &info); err != nil || len(info.Exports) != 1 || !info.Exports[0].ReadOnly {
+		t.Fatalf("nbdinfo a: %v %+v, want read-only", err, info)
+	}
+	d.Fails("nbdclone: device a is the source of b: remove, redirect or split them first\n", "remove", "a")
+	d.Fails("nbdclone: device a is the source of b: remove, redirect or split them first\n", "remove", "--force", "a")
+
+	// Level 2: b, written; everything reads back through b.
+	writeAndCheck(t, d.URI("b"), img,
+		imageWrite{off: 3<<20 + 4096, n: 4096, fill: 0xb1}, // next to a's partial write
+		imageWrite{off: 1<<20 + 10, n: 100, fill: 0xb2},    // inside golden's pattern
+		imageWrite{off: 16 << 20, n: 2 << 20, fill: 0xb3},
+	)
+	expected := filepath.Join(d.Dir, "expected.img")
+	writeFile(t, expected, img)
+	compareImage(t, d.URI("b"), expected)
+	sum := exportSum(t, d.URI("b"), d.Dir, "b.copy")
+
+	f := showFamily(t, d, "b")
+	if want := []string{"dev:a", golden}; strings.Join(f.Chain, " ") != strings.Join(want, " ") || f.Depth != 2 || f.Hydration != "disabled" || f.Type != "clone" {
+		t.Fatalf("show b: %+v, want chain %q", f, want)
+	}
+	if fa := showFamily(t, d, "a"); strings.Join(fa.Children, ",") != "b" || fa.Depth != 1 {
+		t.Fatalf("show a: %+v, want child b", fa)
+	}
+
+	// Redirect b onto golden, then a can go.
+	if got := cli(t, d, "redirect", "b"); got != golden+"\n" {
+		t.Fatalf("redirect b printed %q, want %q", got, golden)
+	}
+	if f := showFamily(t, d, "b"); len(f.Chain) != 1 || f.Chain[0] != golden {
+		t.Fatalf("show b after redirect: %+v", f)
+	}
+	if fa := showFamily(t, d, "a"); len(fa.Children) != 0 {
+		t.Fatalf("show a after redirect: children %v", fa.Children)
+	}
+	cli(t, d, "remove", "a")
+	if got := exportSum(t, d.URI("b"), d.Dir, "b.copy"); got != sum {
+		t.Fatalf("b changed across redirect and the removal of a: sha256 %s, was %s", got, sum)
+	}
+	d.Stop()
+	d.Start()
+	if got := cli(t, d, "table", "b"); !strings.Contains(got, " "+golden+" ") {
+		t.Fatalf("table of b after a restart: %q, want the golden source", got)
+	}
+	compareImage(t, d.URI("b"), expected)
+
+	// Split b: linear, equal to what it showed.
+	cli(t, d, "split", "b")
+	if got := cli(t, d, "table", "b"); got != fmt.Sprintf("0 %d linear %s 0\n", size/sector, filepath.Join(d.Dir, "b.dst")) {
+		t.Fatalf("table of b after split: %q", got)
+	}
+	if f := showFamily(t, d, "b"); f.Type != "linear" || f.Depth != 0 || f.HydratedFraction != 1 {
+		t.Fatalf("show b after split: %+v", f)
+	}
+	compareImage(t, d.URI("b"), expected)
+	if diff := firstDiff(readFile(t, filepath.Join(d.Dir, "b.dst")), img); diff != "" {
+		t.Fatalf("b's destination after split: %s", diff)
+	}
+}
+
+// pyEnv is the daemon's CLI environment as a Python dict literal.
+func pyEnv(d *harness.Daemon) string {
+	var b strings.Builder
+	b.WriteString("{")
+	for _, kv := range harness.Env(daemon.ControlEnv + "=" + d.Control) {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			continue
+		}
+		fmt.Fprintf(&b, "%q: %q, ", k, v)
+	}
+	b.WriteString("}")
+	return b.String()
+}
