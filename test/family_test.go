@@ -1,11 +1,13 @@
 package e2e
 
 import (
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/nbdclone/nbdclone/daemon"
@@ -165,4 +167,78 @@ func pyEnv(d *harness.Daemon) string {
 	}
 	b.WriteString("}")
 	return b.String()
+}
+
+// TestManyClonesShareSource: 8 clones of one 256 MiB source (nbdkit with
+// its stats filter, over a unix socket) in one daemon with --source-cache,
+// each read fully by nbdcopy at the same time: nbdkit serves about the
+// source's size once, not 8 times, and every clone reads right. The JSON
+// status counts each clone's cache hits and misses.
+func TestManyClonesShareSource(t *testing.T) {
+	testutil.NeedTool(t, "nbdcopy")
+	d := harness.Serve(t, "--source-cache", "64M")
+	const (
+		size   = 256 << 20
+		clones = 8
+	)
+	srcPath := filepath.Join(d.Dir, "src.img")
+	makeSource(t, d.Dir, 77, size)
+	stats := filepath.Join(d.Dir, "stats.txt")
+	s := startNBDKit(t, "--filter=stats", "file", srcPath, "statsfile="+stats)
+	for i := range clones {
+		createClone(t, d, fmt.Sprintf("c%d", i), size, s.uri(), "1 no_hydration")
+	}
+	want := sha256File(t, srcPath)
+	sums := make(chan string, clones)
+	for i := range clones {
+		go func() {
+			out := filepath.Join(d.Dir, fmt.Sprintf("copy%d.img", i))
+			o, err := runErr("nbdcopy", d.URI(fmt.Sprintf("c%d", i)), out)
+			if err != nil {
+				sums <- fmt.Sprintf("nbdcopy c%d: %v: %s", i, err, o)
+				return
+			}
+			defer os.Remove(out)
+			data, err := os.ReadFile(out)
+			if err != nil {
+				sums <- err.Error()
+				return
+			}
+			sums <- fmt.Sprintf("%x", sha256.Sum256(data))
+		}()
+	}
+	for range clones {
+		if got := <-sums; got != want {
+			t.Errorf("a clone read through nbdcopy: %s, want sha256 %s", got, want)
+		}
+	}
+	var hits, misses uint64
+	for i := range clones {
+		info := cloneInfo(t, d, fmt.Sprintf("c%d", i))
+		sc := info.SourceCache
+		if sc == nil || sc.Users != clones || sc.CapacityBytes != 64<<20 || sc.UsedBytes > sc.CapacityBytes {
+			t.Fatalf("c%d source cache: %+v", i, sc)
+		}
+		if info.Stats.SourceReadBytes != size {
+			t.Errorf("c%d read %d bytes from its source, want %d", i, info.Stats.SourceReadBytes, size)
+		}
+		hits += sc.DeviceHits
+		misses += sc.DeviceMisses
+		if i == clones-1 {
+			t.Logf("shared source cache: %+v", *sc)
+		}
+	}
+	for i := range clones {
+		cli(t, d, "remove", fmt.Sprintf("c%d", i)) // nbdkit waits for its clients before exiting
+	}
+	s.stop(syscall.SIGTERM) // the stats filter writes its file at exit
+	ops, read := statsReadOps(t, stats)
+	t.Logf("%d clones of %d MiB read fully: nbdkit served %d reads, %.0f bytes (%.2f× the source); cache lookups %d hits, %d misses",
+		clones, size>>20, ops, read, read/size, hits, misses)
+	if read < size || read > 1.25*size {
+		t.Fatalf("nbdkit served %.0f bytes for %d clones of a %d-byte source: want about the source's size", read, clones, size)
+	}
+	if hits == 0 || misses == 0 || hits+misses < uint64(clones*size/(64<<10)) {
+		t.Fatalf("cache lookups: %d hits, %d misses", hits, misses)
+	}
 }
