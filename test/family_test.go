@@ -242,3 +242,47 @@ func TestManyClonesShareSource(t *testing.T) {
 		t.Fatalf("cache lookups: %d hits, %d misses", hits, misses)
 	}
 }
+
+// TestCloneFamilyRestart: a child whose name sorts before its parent's
+// comes back after a clean restart and after a crash (the parent is
+// restored first), still reads through its parent, and the parent is
+// still read-only and not removable.
+func TestCloneFamilyRestart(t *testing.T) {
+	testutil.NeedTool(t, "qemu-io")
+	testutil.NeedTool(t, "qemu-img")
+	d := harness.Serve(t)
+	const size = 8 << 20
+	img := makeSource(t, d.Dir, 5, size)
+	harness.MakeImage(t, filepath.Join(d.Dir, "zz.dst"), size)
+	cli(t, d, "create", "zz", "--table", fmt.Sprintf("0 %d clone zz.md zz.dst src.img 8 1 no_hydration", size/sector))
+	writeAndCheck(t, d.URI("zz"), img, imageWrite{off: 12345, n: 70000, fill: 0x5a})
+	harness.MakeImage(t, filepath.Join(d.Dir, "aa.dst"), size)
+	cli(t, d, "create", "aa", "--table", fmt.Sprintf("0 %d clone aa.md aa.dst dev:zz 8 1 no_hydration", size/sector))
+	writeAndCheck(t, d.URI("aa"), img, imageWrite{off: 1 << 20, n: 4096, fill: 0xaa})
+	expected := filepath.Join(d.Dir, "expected.img")
+	writeFile(t, expected, img)
+	for _, restart := range []string{"stop", "kill"} {
+		if restart == "stop" {
+			d.Stop()
+		} else {
+			d.Kill()
+		}
+		d.Start()
+		var devs []daemon.Device
+		if err := json.Unmarshal([]byte(cli(t, d, "ls", "-o", "json")), &devs); err != nil {
+			t.Fatal(err)
+		}
+		for _, dev := range devs {
+			if dev.State != daemon.StateActive {
+				t.Fatalf("after %s and start: %s is %s (%s)", restart, dev.Name, dev.State, dev.Error)
+			}
+		}
+		compareImage(t, d.URI("aa"), expected)
+		d.Fails("nbdclone: device zz is the source of aa: remove, redirect or split them first\n", "remove", "zz")
+		if out, err := runErr("qemu-io", "-f", "raw", "-c", "write -P 1 0 4096", d.URI("zz")); err == nil && !strings.Contains(out, "failed") && !strings.Contains(out, "read-only") && !strings.Contains(out, "not permitted") {
+			t.Fatalf("write to the parent zz after %s: %s", restart, out)
+		}
+	}
+	cli(t, d, "remove", "aa")
+	qemuIO(t, d.URI("zz"), "write -P 2 0 4096", "read -P 2 0 4096") // writable again
+}
