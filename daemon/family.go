@@ -69,7 +69,7 @@ func (r *registry) openDevSource(ctx context.Context, child, parent string) (blo
 		}
 		if next == child {
 			r.mu.Unlock()
-			return nil, fmt.Errorf("daemon: device %s reads %s: making it the source of %s would be a cycle", parent, child, child)
+			return nil, fmt.Errorf("daemon: device %s reads %s (directly or through other devices): %s cannot read it back", parent, child, child)
 		}
 		cur = next
 	}
@@ -82,7 +82,8 @@ func (r *registry) openDevSource(ctx context.Context, child, parent string) (blo
 	p.childRefs.Add(1)
 	r.mu.Unlock()
 
-	s := &devSource{parent: p, child: child, size: p.size}
+	s := &devSource{parent: p, child: child, size: p.size,
+		id: target.DeviceSourcePrefix + parent + "@" + p.created.UTC().Format(time.RFC3339Nano)}
 	for p.writers.Load() != 0 {
 		select {
 		case <-ctx.Done():
@@ -131,8 +132,13 @@ type devSource struct {
 	parent *device
 	child  string
 	size   int64
-	once   sync.Once
+	// id pins the parent by name and creation time: a clone made on one
+	// device named a never reads another device later created as a.
+	id   string
+	once sync.Once
 }
+
+func (s *devSource) SourceID() string { return s.id }
 
 func (s *devSource) ReadAt(p []byte, off int64) (int, error) {
 	return s.ReadAtContext(context.Background(), p, off)

@@ -99,6 +99,11 @@ except nbd.Error as e:
 	}
 	d.Fails("nbdclone: device a is the source of b: remove, redirect or split them first\n", "remove", "a")
 	d.Fails("nbdclone: device a is the source of b: remove, redirect or split them first\n", "remove", "--force", "a")
+	// a cannot read b back, nor itself.
+	d.Fails("nbdclone: Error opening source device: daemon: device b reads a (directly or through other devices): a cannot read it back\n",
+		"load", "a", "--table", fmt.Sprintf("0 %d clone a2.md a.dst dev:b 8", size/sector))
+	d.Fails("nbdclone: Error opening source device: daemon: device a cannot be its own source\n",
+		"load", "a", "--table", fmt.Sprintf("0 %d clone a2.md a.dst dev:a 8", size/sector))
 
 	// Level 2: b, written; everything reads back through b.
 	writeAndCheck(t, d.URI("b"), img,
@@ -285,4 +290,63 @@ func TestCloneFamilyRestart(t *testing.T) {
 	}
 	cli(t, d, "remove", "aa")
 	qemuIO(t, d.URI("zz"), "write -P 2 0 4096", "read -P 2 0 4096") // writable again
+}
+
+// du is `du -B1 PATH` (allocated bytes) as a number.
+func du(t testing.TB, path string) int64 {
+	t.Helper()
+	var n int64
+	if _, err := fmt.Sscan(run(t, "du", "-s", "-B1", path), &n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestThinClones: four clones of one 256 MiB golden image on sparse
+// destinations, with no_hydration, take no destination space until
+// written: reading one through entirely allocates nothing, and each write
+// costs what it covers rounded up to regions (du, and show's
+// allocated_bytes). The figures go to the README.
+func TestThinClones(t *testing.T) {
+	testutil.NeedTool(t, "qemu-io")
+	testutil.NeedTool(t, "nbdcopy")
+	testutil.NeedTool(t, "du")
+	d := harness.Serve(t)
+	const (
+		size   = 256 << 20
+		region = 64 << 10 // 128 sectors
+	)
+	makeSource(t, d.Dir, 3, size)
+	for i := range 4 {
+		name := fmt.Sprintf("vm%d", i)
+		harness.MakeImage(t, filepath.Join(d.Dir, name+".dst"), size)
+		cli(t, d, "create", name, "--table", fmt.Sprintf("0 %d clone %s.md %s.dst src.img 128 1 no_hydration", size/sector, name, name))
+	}
+	dst := func(i int) string { return filepath.Join(d.Dir, fmt.Sprintf("vm%d.dst", i)) }
+	run(t, "nbdcopy", d.URI("vm0"), "null:")
+	for i := range 4 {
+		if got := du(t, dst(i)); got != 0 {
+			t.Fatalf("vm%d's destination takes %d bytes before any write", i, got)
+		}
+	}
+	// vm1: 1 MiB of whole regions; vm2: 100 bytes (one region copied
+	// first); vm3: 4 MiB scattered over 64 regions, 4 KiB each.
+	qemuIO(t, d.URI("vm1"), "write -P 1 16M 1M", "flush")
+	qemuIO(t, d.URI("vm2"), "write -P 2 1000 100", "flush")
+	var cmds []string
+	for k := range 64 {
+		cmds = append(cmds, fmt.Sprintf("write -P 3 %d 4096", int64(k)*3<<20+4096))
+	}
+	qemuIO(t, d.URI("vm3"), append(cmds, "flush")...)
+	want := []int64{0, 1 << 20, region, 64 * region}
+	for i := range 4 {
+		got := du(t, dst(i))
+		f := showFamily(t, d, fmt.Sprintf("vm%d", i))
+		// The filesystem may add an extent-tree block or so.
+		if got < want[i] || got > want[i]+16<<10 || f.AllocatedBytes != got {
+			t.Errorf("vm%d: du %d bytes, show %d, want %d (+ at most 16 KiB of extent blocks)", i, got, f.AllocatedBytes, want[i])
+		}
+		t.Logf("vm%d: destination %d MiB apparent, %d KiB allocated (du); metadata %d KiB (du, badger files and its 32 MiB reserve)",
+			i, size>>20, got>>10, du(t, filepath.Join(d.Dir, fmt.Sprintf("vm%d.md", i)))>>10)
+	}
 }
