@@ -26,4 +26,16 @@
 //     commit; only the dm status line does (as dm-clone's status does).
 //  7. Shutdown drains and suspends every device (committing metadata) before
 //     targets are closed, and waits for every goroutine it started.
+//  8. Clone families (family.go): a clone whose <source dev> is dev:NAME reads
+//     device NAME in process, through NAME's gate. While any table holds
+//     NAME open, NAME is a parent: its writes, write-zeroes and trims fail
+//     with EPERM (existing connections) and new connections are told
+//     READ_ONLY; writes in flight when a child opens it finish first; remove
+//     is refused, naming the children; no device reads itself through a
+//     chain (cycles are refused). Restart restores parents before children;
+//     shutdown stops children first. A redirect copies every region the
+//     parent holds into the child before the child's metadata records the
+//     new source, and the state file gets the new table last.
+//  9. Clones naming the same path or URI share one source reader and one
+//     bounded cache (sources.go); the reader closes with its last user.
 package daemon

@@ -61,9 +61,9 @@ func TestCloneFamilyChain(t *testing.T) {
 	harness.MakeImage(t, filepath.Join(d.Dir, "a.dst"), size)
 	cli(t, d, "create", "a", "--table", fmt.Sprintf("0 %d clone a.md a.dst golden.img 8 1 no_hydration", size/sector))
 	writeAndCheck(t, d.URI("a"), img,
-		imageWrite{off: 4096, n: 8192, fill: 0xa1},         // whole regions: no copy
-		imageWrite{off: 3<<20 + 100, n: 5000, fill: 0xa2},  // partial: copied first
-		imageWrite{off: 5 << 20, n: 1 << 20, zero: true},   // write zeroes
+		imageWrite{off: 4096, n: 8192, fill: 0xa1},        // whole regions: no copy
+		imageWrite{off: 3<<20 + 100, n: 5000, fill: 0xa2}, // partial: copied first
+		imageWrite{off: 5 << 20, n: 1 << 20, zero: true},  // write zeroes
 		imageWrite{off: size - 3000, n: 3000, fill: 0xa3}, // the tail
 	)
 
@@ -349,4 +349,37 @@ func TestThinClones(t *testing.T) {
 		t.Logf("vm%d: destination %d MiB apparent, %d KiB allocated (du); metadata %d KiB (du, badger files and its 32 MiB reserve)",
 			i, size>>20, got>>10, du(t, filepath.Join(d.Dir, fmt.Sprintf("vm%d.md", i)))>>10)
 	}
+}
+
+// TestSplitParent: a parent is split (hydrated, swapped to linear) while
+// its child reads it: the child reads the same, the parent stays
+// read-only and not removable; redirecting the child onto a linear parent
+// is refused; once the child is split too, the parent can go.
+func TestSplitParent(t *testing.T) {
+	testutil.NeedTool(t, "qemu-io")
+	testutil.NeedTool(t, "qemu-img")
+	d := harness.Serve(t)
+	const size = 16 << 20
+	img := makeSource(t, d.Dir, 8, size)
+	harness.MakeImage(t, filepath.Join(d.Dir, "a.dst"), size)
+	cli(t, d, "create", "a", "--table", fmt.Sprintf("0 %d clone a.md a.dst src.img 8 1 no_hydration", size/sector))
+	writeAndCheck(t, d.URI("a"), img, imageWrite{off: 100, n: 10000, fill: 0x11})
+	harness.MakeImage(t, filepath.Join(d.Dir, "b.dst"), size)
+	cli(t, d, "create", "b", "--table", fmt.Sprintf("0 %d clone b.md b.dst dev:a 8 1 no_hydration", size/sector))
+	writeAndCheck(t, d.URI("b"), img, imageWrite{off: 8 << 20, n: 4096, fill: 0x22})
+	expected := filepath.Join(d.Dir, "expected.img")
+	writeFile(t, expected, img)
+
+	cli(t, d, "split", "a")
+	if f := showFamily(t, d, "a"); f.Type != "linear" || strings.Join(f.Children, ",") != "b" {
+		t.Fatalf("show a after split: %+v", f)
+	}
+	compareImage(t, d.URI("b"), expected)
+	d.Fails("nbdclone: device a is the source of b: remove, redirect or split them first\n", "remove", "a")
+	d.Fails("nbdclone: device b reads a, a linear device without a source to redirect onto: split b instead\n", "redirect", "b")
+	cli(t, d, "split", "b")
+	compareImage(t, d.URI("b"), expected)
+	cli(t, d, "remove", "a")
+	compareImage(t, d.URI("b"), expected)
+	qemuIO(t, d.URI("b"), "write -P 3 0 4096", "read -P 3 0 4096")
 }
