@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -382,4 +385,58 @@ func TestSplitParent(t *testing.T) {
 	cli(t, d, "remove", "a")
 	compareImage(t, d.URI("b"), expected)
 	qemuIO(t, d.URI("b"), "write -P 3 0 4096", "read -P 3 0 4096")
+}
+
+// TestRedirectUnderWriter: b (a clone of a, itself a written clone of
+// golden) is redirected onto golden while fio writes to b with checksums
+// and then verifies them: fio sees no error and verifies every block, and
+// the part of b fio does not touch still holds a's writes and golden's
+// data.
+func TestRedirectUnderWriter(t *testing.T) {
+	testutil.NeedTool(t, "fio")
+	testutil.NeedTool(t, "qemu-io")
+	testutil.NeedTool(t, "nbdcopy")
+	d := harness.Serve(t)
+	const size, half = 32 << 20, 16 << 20
+	img := makeSource(t, d.Dir, 12, size)
+	harness.MakeImage(t, filepath.Join(d.Dir, "a.dst"), size)
+	cli(t, d, "create", "a", "--table", fmt.Sprintf("0 %d clone a.md a.dst src.img 8 1 no_hydration", size/sector))
+	var writes []imageWrite
+	for k := range int64(40) {
+		writes = append(writes, imageWrite{off: k*(half/40) + 777, n: 3000 + 100*k, fill: byte(0x40 + k)})
+	}
+	writeAndCheck(t, d.URI("a"), img, writes...)
+	harness.MakeImage(t, filepath.Join(d.Dir, "b.dst"), size)
+	cli(t, d, "create", "b", "--table", fmt.Sprintf("0 %d clone b.md b.dst dev:a 8 1 no_hydration", size/sector))
+
+	jsonPath := filepath.Join(d.Dir, "fio.json")
+	ctx, cancel := context.WithTimeout(context.Background(), toolTimeout)
+	defer cancel()
+	f := exec.CommandContext(ctx, "fio", "--name=redirect", "--thread", "--verify_state_save=0", "--ioengine=nbd", "--uri="+d.URI("b"),
+		"--rw=randwrite", "--bs=4k", "--iodepth=16", fmt.Sprintf("--offset=%d", half), fmt.Sprintf("--size=%d", half),
+		"--verify=crc32c", "--do_verify=1", "--end_fsync=1", "--rate_iops=,1500",
+		"--output-format=json", "--output="+jsonPath)
+	var fOut bytes.Buffer
+	f.Stdout, f.Stderr = &fOut, &fOut
+	startProc(t, f)
+	waitFor(t, toolTimeout, "fio's writes", func() bool { return cloneInfo(t, d, "b").HydratedRegions >= 64 })
+	if got := cli(t, d, "redirect", "b"); got != filepath.Join(d.Dir, "src.img")+"\n" {
+		t.Fatalf("redirect printed %q", got)
+	}
+	if n := connections(t, d, "b"); n == 0 {
+		t.Fatalf("fio left before the redirect ended (its writes are rate-capped): %s", fOut.String())
+	}
+	cli(t, d, "remove", "a")
+	if err := f.Wait(); err != nil {
+		t.Fatalf("fio across the redirect: %v\n%s", err, fOut.String())
+	}
+	res := readFioJSON(t, jsonPath)
+	if j := res.Jobs[0]; j.Error != 0 || j.Write.IOBytes != half || j.Read.IOBytes != half {
+		t.Fatalf("fio: error %d, wrote %d, verified %d; want 0, %d, %d\n%s", j.Error, j.Write.IOBytes, j.Read.IOBytes, half, half, fOut.String())
+	}
+	out := filepath.Join(d.Dir, "b.copy")
+	run(t, "nbdcopy", d.URI("b"), out)
+	if diff := firstDiff(readFile(t, out)[:half], img[:half]); diff != "" {
+		t.Fatalf("the half of b fio did not write: %s", diff)
+	}
 }
