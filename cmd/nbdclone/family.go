@@ -69,8 +69,12 @@ func printFamily(w io.Writer, f daemon.Family) error {
 		fmt.Fprintf(&b, "destination: %s\n", f.Destination)
 	}
 	fmt.Fprintf(&b, "allocated:   %d bytes of %d\n", f.AllocatedBytes, f.SizeBytes)
-	if sc := f.SourceCache; sc != nil {
-		fmt.Fprintf(&b, "source:      shared by %d, cache %d/%d bytes, this device %d hits %d misses\n",
+	switch sc := f.SourceCache; {
+	case sc == nil:
+	case sc.CapacityBytes == 0:
+		fmt.Fprintf(&b, "source:      reader shared by %d clone(s), no cache (serve --source-cache)\n", sc.Users)
+	default:
+		fmt.Fprintf(&b, "source:      reader shared by %d clone(s), cache %d/%d bytes, this device %d hits %d misses\n",
 			sc.Users, sc.UsedBytes, sc.CapacityBytes, sc.DeviceHits, sc.DeviceMisses)
 	}
 	_, err := io.WriteString(w, b.String())
