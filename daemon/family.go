@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -618,4 +619,49 @@ func (c *Client) Redirect(ctx context.Context, name string) (string, error) {
 // Split hydrates a clone fully and swaps it to linear.
 func (c *Client) Split(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodPost, devPath(name, "split"), struct{}{}, nil)
+}
+
+// checkParentLoad refuses, unless forced, a table that could change what a
+// parent's children read: only a table over the same data may replace a
+// parent's (a linear table over its clone's destination, or a clone with
+// the same destination and source, say with other features).
+func checkParentLoad(d *device, tbl target.Table, force bool) error {
+	names := d.childNames()
+	if force || len(names) == 0 {
+		return nil
+	}
+	d.mu.Lock()
+	cur := d.table
+	d.mu.Unlock()
+	if sameData(cur, tbl) {
+		return nil
+	}
+	return newErr(ErrBusy, "device %s is the source of %s: a table over other data would change what they read (load --force to do it anyway)",
+		d.name, strings.Join(names, ", "))
+}
+
+// sameData reports whether table next reads the same data as cur.
+func sameData(cur, next target.Table) bool {
+	data := func(t target.Table) (string, bool) {
+		switch {
+		case t.Type == "clone" && len(t.Args) >= 3:
+			return filepath.Clean(t.Args[1]), true
+		case t.Type == "linear" && len(t.Args) == 2 && t.Args[1] == "0":
+			return filepath.Clean(t.Args[0]), true
+		}
+		return "", false
+	}
+	a, ok1 := data(cur)
+	b, ok2 := data(next)
+	if !ok1 || !ok2 || a != b {
+		return false
+	}
+	switch {
+	case next.Type == "linear":
+		return true // a clone's destination once hydrated (checkLinearLoad)
+	case cur.Type == "clone":
+		return cur.Args[0] == next.Args[0] && cur.Args[2] == next.Args[2]
+	default:
+		return false // a clone over a linear device's data: unknown metadata
+	}
 }

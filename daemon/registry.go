@@ -313,6 +313,9 @@ func (r *registry) loadForce(ctx context.Context, name, line, dir string, force 
 	if err := checkLinearLoad(d, tbl, force); err != nil {
 		return err
 	}
+	if err := checkParentLoad(d, tbl, force); err != nil {
+		return err
+	}
 
 	env := r.env(name, dir)
 	deferred := false

@@ -102,11 +102,14 @@ except nbd.Error as e:
 	}
 	d.Fails("nbdclone: device a is the source of b: remove, redirect or split them first\n", "remove", "a")
 	d.Fails("nbdclone: device a is the source of b: remove, redirect or split them first\n", "remove", "--force", "a")
-	// a cannot read b back, nor itself.
-	d.Fails("nbdclone: Error opening source device: daemon: device b reads a (directly or through other devices): a cannot read it back\n",
+	// a parent takes no table over other data, and (even forced) cannot
+	// read b back, nor itself.
+	d.Fails("nbdclone: device a is the source of b: a table over other data would change what they read (load --force to do it anyway)\n",
 		"load", "a", "--table", fmt.Sprintf("0 %d clone a2.md a.dst dev:b 8", size/sector))
+	d.Fails("nbdclone: Error opening source device: daemon: device b reads a (directly or through other devices): a cannot read it back\n",
+		"load", "--force", "a", "--table", fmt.Sprintf("0 %d clone a2.md a.dst dev:b 8", size/sector))
 	d.Fails("nbdclone: Error opening source device: daemon: device a cannot be its own source\n",
-		"load", "a", "--table", fmt.Sprintf("0 %d clone a2.md a.dst dev:a 8", size/sector))
+		"load", "--force", "a", "--table", fmt.Sprintf("0 %d clone a2.md a.dst dev:a 8", size/sector))
 
 	// Level 2: b, written; everything reads back through b.
 	writeAndCheck(t, d.URI("b"), img,
@@ -380,6 +383,11 @@ func TestSplitParent(t *testing.T) {
 	compareImage(t, d.URI("b"), expected)
 	d.Fails("nbdclone: device a is the source of b: remove, redirect or split them first\n", "remove", "a")
 	d.Fails("nbdclone: device b reads a, a linear device without a source to redirect onto: split b instead\n", "redirect", "b")
+	harness.MakeImage(t, filepath.Join(d.Dir, "other.img"), size)
+	d.Fails("nbdclone: device a is the source of b: a table over other data would change what they read (load --force to do it anyway)\n",
+		"load", "a", "--table", fmt.Sprintf("0 %d linear other.img 0", size/sector))
+	cli(t, d, "load", "a", "--table", fmt.Sprintf("0 %d linear a.dst 0", size/sector)) // the same data: allowed
+	cli(t, d, "resume", "a")
 	cli(t, d, "split", "b")
 	compareImage(t, d.URI("b"), expected)
 	cli(t, d, "remove", "a")
