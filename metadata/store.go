@@ -781,11 +781,15 @@ func (s *Store) SetSource(source string) error {
 	if s.Mode() != ModeRW {
 		return ErrReadOnly
 	}
-	if s.sb.Source == source {
+	if s.sb.Source == source && s.sb.SourceID == "" {
 		return nil
 	}
 	sb := s.sb
-	sb.PreviousSources = append(append([]string(nil), sb.PreviousSources...), sb.Source)
+	if sb.Source != source {
+		sb.PreviousSources = append(append([]string(nil), sb.PreviousSources...), sb.Source)
+	}
+	// Pinned by a table built on the old source after a crash: unpinned
+	// again, so the new source's identity is taken at the next open.
 	sb.Source, sb.SourceID = source, ""
 	b, _ := json.Marshal(sb)
 	if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {

@@ -448,3 +448,42 @@ func TestRedirectUnderWriter(t *testing.T) {
 		t.Fatalf("the half of b fio did not write: %s", diff)
 	}
 }
+
+// TestRedirectCrashWindow: a crash after the metadata recorded a redirect
+// but before the state file got the new table leaves the old table (still
+// reading through the parent): the device comes back and reads the same,
+// and the redirect can be run again.
+func TestRedirectCrashWindow(t *testing.T) {
+	testutil.NeedTool(t, "qemu-io")
+	testutil.NeedTool(t, "qemu-img")
+	d := harness.Serve(t)
+	const size = 8 << 20
+	img := makeSource(t, d.Dir, 21, size)
+	harness.MakeImage(t, filepath.Join(d.Dir, "a.dst"), size)
+	cli(t, d, "create", "a", "--table", fmt.Sprintf("0 %d clone a.md a.dst src.img 8 1 no_hydration", size/sector))
+	writeAndCheck(t, d.URI("a"), img, imageWrite{off: 5000, n: 20000, fill: 0x71})
+	harness.MakeImage(t, filepath.Join(d.Dir, "b.dst"), size)
+	cli(t, d, "create", "b", "--table", fmt.Sprintf("0 %d clone b.md b.dst dev:a 8 1 no_hydration", size/sector))
+	writeAndCheck(t, d.URI("b"), img, imageWrite{off: 3 << 20, n: 4096, fill: 0x72})
+	expected := filepath.Join(d.Dir, "expected.img")
+	writeFile(t, expected, img)
+	statePath := filepath.Join(d.State, "b.json")
+	oldState := readFile(t, statePath)
+	cli(t, d, "redirect", "b")
+	d.Kill()
+	if strings.Contains(string(oldState), "src.img") || !strings.Contains(string(readFile(t, statePath)), "src.img") {
+		t.Fatalf("state of b before/after the redirect:\n%s\n%s", oldState, readFile(t, statePath))
+	}
+	writeFile(t, statePath, oldState) // as if the crash came before the state save
+	d.Start()
+	if got := cli(t, d, "table", "b"); !strings.Contains(got, " dev:a ") {
+		t.Fatalf("table of b: %q", got)
+	}
+	compareImage(t, d.URI("b"), expected)
+	cli(t, d, "redirect", "b")
+	cli(t, d, "remove", "a")
+	compareImage(t, d.URI("b"), expected)
+	d.Stop()
+	d.Start()
+	compareImage(t, d.URI("b"), expected)
+}
