@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nbdclone/nbdclone/daemon"
 	"github.com/nbdclone/nbdclone/internal/harness"
@@ -485,5 +486,44 @@ func TestRedirectCrashWindow(t *testing.T) {
 	compareImage(t, d.URI("b"), expected)
 	d.Stop()
 	d.Start()
+	compareImage(t, d.URI("b"), expected)
+}
+
+// TestSuspendParent: while a parent is suspended, its child serves what it
+// holds and its reads of other regions wait (they do not fail) until the
+// parent resumes.
+func TestSuspendParent(t *testing.T) {
+	testutil.NeedTool(t, "qemu-io")
+	testutil.NeedTool(t, "qemu-img")
+	d := harness.Serve(t)
+	const size = 8 << 20
+	img := makeSource(t, d.Dir, 31, size)
+	harness.MakeImage(t, filepath.Join(d.Dir, "a.dst"), size)
+	cli(t, d, "create", "a", "--table", fmt.Sprintf("0 %d clone a.md a.dst src.img 8 1 no_hydration", size/sector))
+	harness.MakeImage(t, filepath.Join(d.Dir, "b.dst"), size)
+	cli(t, d, "create", "b", "--table", fmt.Sprintf("0 %d clone b.md b.dst dev:a 8 1 no_hydration", size/sector))
+	writeAndCheck(t, d.URI("b"), img, imageWrite{off: 0, n: 64 << 10, fill: 0x33})
+	expected := filepath.Join(d.Dir, "expected.img")
+	writeFile(t, expected, img)
+
+	cli(t, d, "suspend", "a")
+	qemuIO(t, d.URI("b"), "read -P 0x33 0 64k") // b's own regions
+	ctx, cancel := context.WithTimeout(context.Background(), toolTimeout)
+	defer cancel()
+	reader := exec.CommandContext(ctx, "qemu-io", "-f", "raw", "-c", "read 4M 64k", d.URI("b"))
+	var out bytes.Buffer
+	reader.Stdout, reader.Stderr = &out, &out
+	startProc(t, reader)
+	done := make(chan error, 1)
+	go func() { done <- reader.Wait() }()
+	select {
+	case err := <-done:
+		t.Fatalf("a read of b's unhydrated regions ended while its parent was suspended: %v\n%s", err, out.String())
+	case <-time.After(500 * time.Millisecond):
+	}
+	cli(t, d, "resume", "a")
+	if err := <-done; err != nil || strings.Contains(out.String(), "failed") {
+		t.Fatalf("the held read after resume: %v\n%s", err, out.String())
+	}
 	compareImage(t, d.URI("b"), expected)
 }
