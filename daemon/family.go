@@ -460,6 +460,9 @@ func (r *registry) redirect(ctx context.Context, name string) (string, error) {
 			name, pname, ptbl.Type, name)
 	}
 
+	if err := r.refuseSuspended(d); err != nil {
+		return "", err
+	}
 	// Copy what the parent holds while the child serves I/O: CACHE takes
 	// the child's region locks like any copy.
 	copied := int64(0)
@@ -532,6 +535,9 @@ func (dm *Daemon) split(ctx context.Context, name string) error {
 	r := dm.reg
 	d, err := r.get(name)
 	if err != nil {
+		return err
+	}
+	if err := r.refuseSuspended(d); err != nil {
 		return err
 	}
 	for attempt := 0; ; attempt++ {
@@ -664,4 +670,29 @@ func sameData(cur, next target.Table) bool {
 	default:
 		return false // a clone over a linear device's data: unknown metadata
 	}
+}
+
+// refuseSuspended fails when d or a device it reads through dev: sources
+// is suspended: the copies of a redirect or split would wait at its gate
+// until it is resumed.
+func (r *registry) refuseSuspended(d *device) error {
+	seen := map[string]bool{}
+	for dev := d; dev != nil && !seen[dev.name]; {
+		seen[dev.name] = true
+		if dev.isSuspended() {
+			return newErr(ErrBusy, "device %s is suspended: resume it first", dev.name)
+		}
+		dev.mu.Lock()
+		parent := parentOf(dev.table)
+		dev.mu.Unlock()
+		if parent == "" {
+			return nil
+		}
+		next, err := r.get(parent)
+		if err != nil {
+			return nil
+		}
+		dev = next
+	}
+	return nil
 }

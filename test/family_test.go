@@ -507,6 +507,8 @@ func TestSuspendParent(t *testing.T) {
 	writeFile(t, expected, img)
 
 	cli(t, d, "suspend", "a")
+	d.Fails("nbdclone: device a is suspended: resume it first\n", "redirect", "b")
+	d.Fails("nbdclone: device a is suspended: resume it first\n", "split", "b")
 	qemuIO(t, d.URI("b"), "read -P 0x33 0 64k") // b's own regions
 	ctx, cancel := context.WithTimeout(context.Background(), toolTimeout)
 	defer cancel()
