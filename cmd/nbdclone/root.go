@@ -238,7 +238,7 @@ source's data. Wait for hydration ("nbdclone wait NAME"), or give --force.
 		},
 	}
 	cmd.Flags().StringVar(&table, "table", "", "the table line (default: read from stdin)")
-	cmd.Flags().BoolVar(&force, "force", false, "load a linear table over a clone that is not fully hydrated")
+	cmd.Flags().BoolVar(&force, "force", false, "load a linear table over a clone that is not fully hydrated, or a table over other data on a device other devices read (dev:NAME)")
 	return cmd
 }
 
