@@ -54,25 +54,12 @@ func (r *registry) openDevSource(ctx context.Context, child, parent string) (blo
 		r.mu.Unlock()
 		return nil, errNotFound(parent)
 	}
-	// A cycle would make each device read the other for ever.
-	cur := parent
-	for range len(r.devices) + 1 {
-		dev := r.devices[cur]
-		if dev == nil {
-			break
-		}
-		dev.mu.Lock()
-		src, _ := target.CloneSource(dev.table)
-		dev.mu.Unlock()
-		next, ok := target.SourceDevice(src)
-		if !ok {
-			break
-		}
-		if next == child {
-			r.mu.Unlock()
-			return nil, fmt.Errorf("daemon: device %s reads %s (directly or through other devices): %s cannot read it back", parent, child, child)
-		}
-		cur = next
+	// A cycle would make each device read the other for ever. The links
+	// (live and loaded tables alike) are the children maps: child must not
+	// be among the devices parent reads, directly or through others.
+	if r.readsLocked(parent, child) {
+		r.mu.Unlock()
+		return nil, fmt.Errorf("daemon: device %s reads %s (directly or through other devices): %s cannot read it back", parent, child, child)
 	}
 	p.mu.Lock()
 	if p.children == nil {
@@ -94,6 +81,31 @@ func (r *registry) openDevSource(ctx context.Context, child, parent string) (blo
 		}
 	}
 	return s, nil
+}
+
+// readsLocked reports whether a table of device from reads device target,
+// directly or through other devices. Needs r.mu.
+func (r *registry) readsLocked(from, target string) bool {
+	seen := map[string]bool{from: true}
+	queue := []string{from}
+	for len(queue) > 0 {
+		cur := queue[0]
+		queue = queue[1:]
+		for name, dev := range r.devices {
+			dev.mu.Lock()
+			isParent := dev.children[cur] > 0
+			dev.mu.Unlock()
+			if !isParent || seen[name] {
+				continue
+			}
+			if name == target {
+				return true
+			}
+			seen[name] = true
+			queue = append(queue, name)
+		}
+	}
+	return false
 }
 
 // doWrite runs a write-side I/O (write, write zeroes, trim) unless the

@@ -529,3 +529,21 @@ func TestSuspendParent(t *testing.T) {
 	}
 	compareImage(t, d.URI("b"), expected)
 }
+
+// TestFamilyNoCycleThroughLoadedTables: tables loaded and not yet resumed
+// count: a reads b in a's loaded table, so b cannot load a table reading a.
+func TestFamilyNoCycleThroughLoadedTables(t *testing.T) {
+	d := harness.Serve(t)
+	const size = 1 << 20
+	makeSource(t, d.Dir, 1, size)
+	for _, n := range []string{"a", "b"} {
+		harness.MakeImage(t, filepath.Join(d.Dir, n+".dst"), size)
+		cli(t, d, "create", n, "--table", fmt.Sprintf("0 %d clone %s.md %s.dst src.img 8", size/sector, n, n))
+	}
+	cli(t, d, "load", "a", "--table", fmt.Sprintf("0 %d clone a2.md a.dst dev:b 8", size/sector))
+	d.Fails("nbdclone: Error opening source device: daemon: device a reads b (directly or through other devices): b cannot read it back\n",
+		"load", "--force", "b", "--table", fmt.Sprintf("0 %d clone b2.md b.dst dev:a 8", size/sector))
+	if f := showFamily(t, d, "b"); strings.Join(f.Children, ",") != "a" {
+		t.Fatalf("b's children with a's table loaded: %v", f.Children)
+	}
+}
