@@ -1,10 +1,13 @@
 package daemon
 
 import (
+	"errors"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nbdclone/nbdclone/blockdev"
 	"github.com/nbdclone/nbdclone/target"
@@ -88,3 +91,72 @@ func TestSourceCacheMetric(t *testing.T) {
 }
 
 func formatFloat(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
+
+// TestParentWrites: a write in flight when a child opens its parent
+// finishes before the child gets its reader; later writes fail with EPERM,
+// the parent is advertised read-only and cannot be removed; once the
+// child's reader is closed the parent is writable and removable again.
+func TestParentWrites(t *testing.T) {
+	ctx := t.Context()
+	f := newFakeFactory()
+	r := newTestRegistry(t, f.build)
+	if err := r.create(ctx, "p", "0 64 fake", ""); err != nil {
+		t.Fatal(err)
+	}
+	p, err := r.get("p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hold, entered := make(chan struct{}), make(chan struct{}, 1)
+	f.last().setHold(hold, entered)
+	wrote := make(chan error, 1)
+	go func() { wrote <- p.WriteAt(ctx, []byte("x"), 0, false) }()
+	<-entered
+	opened := make(chan blockdev.Reader, 1)
+	go func() {
+		src, err := r.openSourceFor(ctx, "c", "dev:p")
+		if err != nil {
+			t.Error(err)
+		}
+		opened <- src
+	}()
+	select {
+	case <-opened:
+		t.Fatal("the child got its reader while a write to the parent was in flight")
+	case <-time.After(100 * time.Millisecond):
+	}
+	f.last().setHold(nil, nil)
+	close(hold)
+	if err := <-wrote; err != nil {
+		t.Fatalf("the write in flight: %v", err)
+	}
+	src := <-opened
+	if err := p.WriteAt(ctx, []byte("y"), 0, false); !errors.Is(err, syscall.EPERM) || !strings.Contains(err.Error(), "device p is the source of c") {
+		t.Fatalf("write to a parent: %v", err)
+	}
+	if err := p.Trim(ctx, 0, 512, false); !errors.Is(err, syscall.EPERM) {
+		t.Fatalf("trim of a parent: %v", err)
+	}
+	if err := p.WriteZeroes(ctx, 0, 512, false, false, false); !errors.Is(err, syscall.EPERM) {
+		t.Fatalf("write zeroes to a parent: %v", err)
+	}
+	if !p.Flags().ReadOnly {
+		t.Fatal("a parent is not advertised read-only")
+	}
+	buf := make([]byte, 512)
+	if n, err := src.ReadAt(buf, 0); err != nil || n != 512 || buf[0] != 'x' {
+		t.Fatalf("the child reads %d, %v, %q", n, err, buf[:1])
+	}
+	mustErr(t, r.remove(ctx, "p", true), ErrBusy, "device p is the source of c: remove, redirect or split them first")
+	src.Close()
+	src.Close()
+	if p.Flags().ReadOnly {
+		t.Fatal("still read-only after the child left")
+	}
+	if err := p.WriteAt(ctx, []byte("z"), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.remove(ctx, "p", false); err != nil {
+		t.Fatal(err)
+	}
+}
