@@ -31,4 +31,8 @@
 //   - An http(s) source is pinned at open (ETag, or Last-Modified and
 //     size): every read asks for that version and checks the reply's
 //     validators; a changed object is ErrSourceChanged, never its bytes.
+//   - A SharedSource (cache.go) serves several readers from one source: a
+//     block is read from the source once while cached, concurrent misses
+//     on it share one read, cached bytes never exceed the capacity and are
+//     never modified, and a failed read is never cached.
 package blockdev

@@ -62,6 +62,10 @@ type Config struct {
 	OnEvent string
 	// TLS is TLS for NBD clients on every NBD listener.
 	TLS TLSConfig
+	// SourceCache is the size in bytes of the read cache each shared clone
+	// source gets (clones naming the same path or URI share one reader);
+	// 0 shares the reader without caching.
+	SourceCache int64
 }
 
 // TLSConfig is TLS for NBD clients (NBD_OPT_STARTTLS).
@@ -214,6 +218,9 @@ func (c Config) Validate() error {
 	}
 	if c.Registerer == nil {
 		errs = append(errs, errors.New("no prometheus registerer"))
+	}
+	if c.SourceCache < 0 {
+		errs = append(errs, errors.New("negative source cache size"))
 	}
 	if c.ShutdownTimeout < 0 {
 		errs = append(errs, errors.New("negative shutdown timeout"))

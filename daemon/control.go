@@ -80,6 +80,9 @@ var errorKinds = []struct {
 //	POST   /v1/devices/{name}/attach        {device, connections, ...}: Attachment
 //	GET    /v1/attachments                  []Attachment
 //	POST   /v1/detach                       {device, force}: 204
+//	GET    /v1/devices/{name}/family        Family (show)
+//	POST   /v1/devices/{name}/redirect      {"source": the new source}
+//	POST   /v1/devices/{name}/split         204 once linear
 func (d *Daemon) controlHandler() http.Handler {
 	r := d.reg
 	mux := http.NewServeMux()
@@ -176,6 +179,7 @@ func (d *Daemon) controlHandler() http.Handler {
 	})
 	d.attachRoutes(mux)
 	d.eventRoutes(mux) // GET /v1/events: the event stream (events_control.go)
+	d.familyRoutes(mux)
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
 		writeJSON(w, http.StatusNotFound, errorResponse{Error: "no such control API route: " + req.Method + " " + req.URL.Path, Kind: "not_found"})
 	})

@@ -65,6 +65,7 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	d.reg = newRegistry(cfg.Logger, stateDir{dir: cfg.StateDir}, target.Build)
 	d.reg.uris = d.uris
+	d.reg.sources.capacity = cfg.SourceCache
 	srv, err := nbdserver.NewServer(d.reg, nbdserver.Options{
 		Logger:    cfg.Logger.With("component", "nbd"),
 		TLS:       tlsMode,

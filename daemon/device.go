@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"regexp"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -81,6 +82,13 @@ type device struct {
 	failure   error         // why live is nil, when it is not a swap
 	swapping  chan struct{} // non-nil while a swap has no live target; closed when it ends
 	conns     int           // open NBD connections
+	// children counts the source handles other devices hold on this one
+	// (their tables say dev:NAME), by child name (family.go).
+	children map[string]int
+
+	// childRefs is the sum of children: while it is not 0 the device is a
+	// parent and refuses writes. writers counts writes past that check.
+	childRefs, writers atomic.Int64
 }
 
 func newDevice(name string, tbl target.Table, dir string, created time.Time, log *slog.Logger) *device {
@@ -253,6 +261,8 @@ func (d *device) Flags() nbdserver.ExportFlags {
 		Zeroes:    true,
 		Cache:     true,
 		MultiConn: true,
+		// A parent is read-only: its children read it as their source.
+		ReadOnly: d.childRefs.Load() > 0,
 	}
 	if h := d.tryAcquire(); h != nil {
 		if fz, ok := h.t.(target.FastZeroer); ok {
@@ -300,7 +310,7 @@ func (d *device) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 func (d *device) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return d.do(ctx, func(t target.Target) error { return t.WriteAt(ctx, p, off, fua) })
+	return d.doWrite(ctx, func(t target.Target) error { return t.WriteAt(ctx, p, off, fua) })
 }
 
 // WriteZeroes: noHole is always honoured, because a target's WriteZeroes
@@ -309,7 +319,7 @@ func (d *device) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 // when the target says it is fast now, and fails with ENOTSUP at once
 // otherwise, touching nothing, so the client can fall back.
 func (d *device) WriteZeroes(ctx context.Context, off, n int64, fua, noHole, fastZero bool) error {
-	return d.do(ctx, func(t target.Target) error {
+	return d.doWrite(ctx, func(t target.Target) error {
 		if fastZero {
 			fz, ok := t.(target.FastZeroer)
 			if !ok || !fz.ZeroesFast(off, n) {
@@ -373,7 +383,7 @@ func (d *device) Extents(ctx context.Context, metaContext string, off, n int64, 
 }
 
 func (d *device) Trim(ctx context.Context, off, n int64, fua bool) error {
-	return d.do(ctx, func(t target.Target) error {
+	return d.doWrite(ctx, func(t target.Target) error {
 		if err := t.Trim(ctx, off, n); err != nil {
 			return err
 		}

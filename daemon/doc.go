@@ -33,4 +33,16 @@
 //  9. Metering an NBD request costs atomic adds only: no lock, no
 //     allocation (iostats.go, internal/histogram); metrics are assembled at
 //     scrape time.
+//  10. Clone families (family.go): a clone whose <source dev> is dev:NAME reads
+//     device NAME in process, through NAME's gate. While any table holds
+//     NAME open, NAME is a parent: its writes, write-zeroes and trims fail
+//     with EPERM (existing connections) and new connections are told
+//     READ_ONLY; writes in flight when a child opens it finish first; remove
+//     is refused, naming the children; no device reads itself through a
+//     chain (cycles are refused). Restart restores parents before children;
+//     shutdown stops children first. A redirect copies every region the
+//     parent holds into the child before the child's metadata records the
+//     new source, and the state file gets the new table last.
+//  11. Clones naming the same path or URI share one source reader and one
+//     bounded cache (sources.go); the reader closes with its last user.
 package daemon

@@ -221,6 +221,19 @@ func metricFamilies() []metric {
 			},
 		},
 		{
+			desc: prometheus.NewDesc("nbdclone_source_cache_lookups_total",
+				"Lookups of 64 KiB blocks in the read cache of the source this clone shares with others (--source-cache), by result: hit (cached or being fetched by another reader) or miss (read from the source).",
+				[]string{"device", "result"}, nil),
+			kind: prometheus.CounterValue,
+			collect: func(s deviceSample, emit func(float64, ...string)) {
+				if s.info == nil || s.info.Clone == nil || s.info.Clone.SourceCache == nil {
+					return
+				}
+				emit(float64(s.info.Clone.SourceCache.DeviceHits), "hit")
+				emit(float64(s.info.Clone.SourceCache.DeviceMisses), "miss")
+			},
+		},
+		{
 			desc: prometheus.NewDesc("nbdclone_metadata_mode",
 				"Metadata mode of the clone device: 1 for the current mode (rw, ro or Fail), 0 for the others.",
 				[]string{"device", "mode"}, nil),

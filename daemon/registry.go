@@ -69,9 +69,9 @@ type registry struct {
 	disconnect func(name string) int
 	// uris lists a device's export URIs; nil lists none.
 	uris func(name string) []string
-	// openSource opens clone sources (target.Env.OpenSource); nil is
-	// local files and block devices only.
-	openSource func(ctx context.Context, spec string) (blockdev.Reader, error)
+	// sources shares clone sources by path or URI (sources.go); dev:NAME
+	// sources are other devices (family.go).
+	sources *sourcePool
 	// hooks are the daemon's extensions (hooks.go); zero in unit tests.
 	hooks registryHooks
 
@@ -90,14 +90,17 @@ func newRegistry(log *slog.Logger, state stateDir, build buildFunc) *registry {
 		suspendTimeout: DefaultSuspendTimeout,
 		devices:        map[string]*device{},
 		// Clone sources: paths, nbd[s][+unix]:// URIs, http(s):// URLs.
-		openSource: func(ctx context.Context, spec string) (blockdev.Reader, error) {
+		sources: newSourcePool(func(ctx context.Context, spec string) (blockdev.Reader, error) {
 			return blockdev.OpenSource(ctx, spec, blockdev.SourceOptions{Logger: log})
-		},
+		}, 0),
 	}
 }
 
 func (r *registry) env(name, dir string) target.Env {
-	return target.Env{Logger: r.log.With("device", name), Dir: dir, OpenSource: r.openSource}
+	return target.Env{Logger: r.log.With("device", name), Dir: dir,
+		OpenSource: func(ctx context.Context, spec string) (blockdev.Reader, error) {
+			return r.openSourceFor(ctx, name, spec)
+		}}
 }
 
 // get returns a device that finished its create.
@@ -309,6 +312,9 @@ func (r *registry) loadForce(ctx context.Context, name, line, dir string, force 
 	}
 	defer unlock()
 	if err := checkLinearLoad(d, tbl, force); err != nil {
+		return err
+	}
+	if err := checkParentLoad(d, tbl, force); err != nil {
 		return err
 	}
 
@@ -740,6 +746,9 @@ func (r *registry) remove(ctx context.Context, name string, force bool) error {
 	if err != nil {
 		return err
 	}
+	if err := refuseParent(d); err != nil {
+		return err
+	}
 	if r.hooks.removing != nil {
 		// Attached to /dev/nbdX: refused, or detached first when forced.
 		if err := r.hooks.removing(ctx, name, force); err != nil {
@@ -757,6 +766,10 @@ func (r *registry) remove(ctx context.Context, name string, force bool) error {
 	d.mu.Lock()
 	conns := d.conns
 	d.mu.Unlock()
+	if err := refuseParent(d); err != nil {
+		r.mu.Unlock()
+		return err
+	}
 	if conns > 0 && !force {
 		r.mu.Unlock()
 		return newErr(ErrBusy, "device %s is busy: %d NBD connection(s)", name, conns)
@@ -874,7 +887,8 @@ func (r *registry) restore(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, e := range ents {
+	// A parent comes up before the devices that read it (dev:NAME).
+	for _, e := range restoreOrder(ents) {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -932,10 +946,9 @@ func (r *registry) shutdown(ctx context.Context, timeout time.Duration) error {
 		devs = append(devs, d)
 	}
 	r.mu.Unlock()
-	sort.Slice(devs, func(i, j int) bool { return devs[i].name < devs[j].name })
-
 	var errs []error
-	for _, d := range devs {
+	// Children first: their last copies still read a running parent.
+	for _, d := range shutdownOrder(devs) {
 		if err := r.shutdownOne(ctx, d, timeout); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", d.name, err))
 		}

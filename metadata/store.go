@@ -102,6 +102,9 @@ type Superblock struct {
 	// any other device the same bits would serve garbage as clone data.
 	Destination string    `json:"destination,omitempty"`
 	Created     time.Time `json:"created"`
+	// PreviousSources are the sources this clone was redirected from,
+	// oldest first (SetSource).
+	PreviousSources []string `json:"previous_sources,omitempty"`
 }
 
 // Options open a store.
@@ -810,5 +813,39 @@ func (s *Store) Close() error {
 	if err := s.kv.Close(); err != nil {
 		return fmt.Errorf("metadata: close: %w", err)
 	}
+	return nil
+}
+
+// SetSource records that the clone now reads its unhydrated regions from
+// source (a redirect onto its parent's source): the superblock is
+// rewritten in one synced transaction, the old source kept in
+// PreviousSources. The pin is cleared: the next Open pins the new source.
+// The caller has made every region where the two sources differ hydrated
+// and committed.
+func (s *Store) SetSource(source string) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if s.Mode() != ModeRW {
+		return ErrReadOnly
+	}
+	if s.sb.Source == source && s.sb.SourceID == "" {
+		return nil
+	}
+	sb := s.sb
+	if sb.Source != source {
+		sb.PreviousSources = append(append([]string(nil), sb.PreviousSources...), sb.Source)
+	}
+	// Pinned by a table built on the old source after a crash: unpinned
+	// again, so the new source's identity is taken at the next open.
+	sb.Source, sb.SourceID = source, ""
+	b, _ := json.Marshal(sb)
+	if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+		return fmt.Errorf("metadata: recording the new source: %w", err)
+	}
+	s.sb = sb
+	s.log.Info("source switched", "source", source, "previous", sb.PreviousSources)
 	return nil
 }

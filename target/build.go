@@ -127,7 +127,7 @@ func Resolve(t Table, dir string) Table {
 	for _, i := range paths {
 		// An absolute path is kept as written: cleaning "a/link/../b"
 		// lexically could name another file than the kernel would open.
-		if i < len(args) && !isURI(args[i]) && !filepath.IsAbs(args[i]) && dir != "" {
+		if i < len(args) && !isURI(args[i]) && !isDeviceSource(t, i) && !filepath.IsAbs(args[i]) && dir != "" {
 			args[i] = filepath.Join(dir, args[i])
 		}
 	}
@@ -140,4 +140,40 @@ func Resolve(t Table, dir string) Table {
 func isURI(s string) bool {
 	i := strings.Index(s, "://")
 	return i > 0 && !strings.ContainsAny(s[:i], "/.")
+}
+
+// DeviceSourcePrefix marks a clone's <source dev> that is another device of
+// the same daemon ("dev:NAME"), read in process (clones of clones).
+const DeviceSourcePrefix = "dev:"
+
+// SourceDevice returns NAME when spec is "dev:NAME".
+func SourceDevice(spec string) (string, bool) {
+	name, ok := strings.CutPrefix(spec, DeviceSourcePrefix)
+	return name, ok && name != ""
+}
+
+// CloneSource returns a clone table's <source dev> argument.
+func CloneSource(t Table) (string, bool) {
+	if t.Type != "clone" || len(t.Args) < 3 {
+		return "", false
+	}
+	return t.Args[2], true
+}
+
+// WithSource returns a copy of the clone table t with its <source dev>
+// replaced.
+func WithSource(t Table, spec string) Table {
+	args := append([]string(nil), t.Args...)
+	if t.Type == "clone" && len(args) >= 3 {
+		args[2] = spec
+	}
+	t.Args = args
+	return t
+}
+
+// isDeviceSource reports whether argument i of t is a clone's "dev:NAME"
+// source, which is not a path.
+func isDeviceSource(t Table, i int) bool {
+	_, ok := SourceDevice(t.Args[i])
+	return t.Type == "clone" && i == 2 && ok
 }

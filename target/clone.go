@@ -1023,6 +1023,10 @@ func (c *clone) remoteInfo(ci *CloneInfo, st hydrate.State) {
 		rs := c.remote.RemoteStats()
 		ci.Remote = &rs
 	}
+	if sc, ok := c.src.(blockdev.SourceCacheReporter); ok {
+		st := sc.SourceCacheStats()
+		ci.SourceCache = &st
+	}
 }
 
 // Suspend stops background hydration (copies in flight finish), stops the
@@ -1132,4 +1136,18 @@ func (c *clone) Close() error {
 		c.closeErr = errors.Join(errs...)
 	})
 	return c.closeErr
+}
+
+// SourceRecorder is implemented by clone targets: RecordSource writes a new
+// <source dev> into the clone's metadata (a redirect), before a table
+// naming it replaces this one.
+type SourceRecorder interface {
+	RecordSource(spec string) error
+}
+
+func (c *clone) RecordSource(spec string) error {
+	if err := c.md.SetSource(spec); err != nil {
+		return fmt.Errorf("target: %w", err)
+	}
+	return nil
 }

@@ -36,6 +36,10 @@
 //     when set (no_read_hints, hydration_rate).
 //   - A pinned source (blockdev.Identifier) that changed is refused at
 //     construction (Failed to load metadata: the source changed).
+//   - A clone's <source dev> may be "dev:NAME" (DeviceSourcePrefix), another
+//     device of the daemon, which opens it (Env.OpenSource); Resolve leaves
+//     it as written. RecordSource rewrites the source in the metadata for
+//     a redirect.
 //   - A target is built suspended; I/O methods are only called while
 //     resumed (the daemon's gate guarantees it).
 package target

@@ -52,6 +52,9 @@ type CloneInfo struct {
 	SourceID string `json:"source_id,omitempty"`
 	// Remote are a remote source's counters (absent for local sources).
 	Remote *blockdev.RemoteStats `json:"remote,omitempty"`
+	// SourceCache are the counters of the source reader this clone shares
+	// with the other clones of the same source (absent when not shared).
+	SourceCache *blockdev.SourceCacheStats `json:"source_cache,omitempty"`
 
 	// Why background hydration waits now: the hydration_rate limit, user
 	// I/O in flight (one batch per second then), a backoff after copy

@@ -99,6 +99,9 @@ func newRootCmd(e *env) *cobra.Command {
 		c.eventsCmd(),
 		c.attachCmd(),
 		c.detachCmd(),
+		c.showCmd(),
+		c.redirectCmd(),
+		c.splitCmd(),
 	)
 	return root
 }
@@ -237,7 +240,7 @@ source's data. Wait for hydration ("nbdclone wait NAME"), or give --force.
 		},
 	}
 	cmd.Flags().StringVar(&table, "table", "", "the table line (default: read from stdin)")
-	cmd.Flags().BoolVar(&force, "force", false, "load a linear table over a clone that is not fully hydrated")
+	cmd.Flags().BoolVar(&force, "force", false, "load a linear table over a clone that is not fully hydrated, or a table over other data on a device other devices read (dev:NAME)")
 	return cmd
 }
 

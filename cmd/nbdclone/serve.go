@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,6 +23,7 @@ func (c *cli) serveCmd() *cobra.Command {
 		logLevel  string
 		onEvent   string
 		tlsCfg    daemon.TLSConfig
+		srcCache  string
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -71,6 +73,10 @@ verifies peers).`,
 					*p = c.absPath(*p)
 				}
 			}
+			cacheBytes, err := parseSize(srcCache)
+			if err != nil {
+				return &usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("serve: --source-cache: %w", err)}
+			}
 			reg := prometheus.NewRegistry()
 			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 			d, err := daemon.New(daemon.Config{
@@ -84,6 +90,8 @@ verifies peers).`,
 				Gatherer:   reg,
 				OnEvent:    onEvent,
 				TLS:        tlsCfg,
+
+				SourceCache: cacheBytes,
 			})
 			if err != nil {
 				return err
@@ -102,6 +110,7 @@ verifies peers).`,
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&onEvent, "on-event", "", "shell command run on each event (created, hydrated, hydration_stopped, suspended, swapped, removed, ...: see nbdclone events --help), with $NBDCLONE_EVENT, $NBDCLONE_DEVICE, $NBDCLONE_NBD, $NBDCLONE_TABLE, $NBDCLONE_DETAIL")
+	f.StringVar(&srcCache, "source-cache", "0", "read cache per shared clone source (clones of one path or URI share one reader), e.g. 256M or 1G; 0 shares without caching")
 	f.StringVar(&tlsCfg.Mode, "tls", "off", "TLS for NBD clients: off, on (offered) or require")
 	f.StringVar(&tlsCfg.Cert, "tls-cert", "", "PEM server certificate (with its chain), for --tls on|require")
 	f.StringVar(&tlsCfg.Key, "tls-key", "", "PEM private key of --tls-cert")
@@ -124,4 +133,32 @@ func newLogger(e *env, format, level string) (*slog.Logger, error) {
 	default:
 		return nil, fmt.Errorf("serve: unknown log format %q (want text or json)", format)
 	}
+}
+
+// parseSize reads a byte count with an optional K, M, G or T suffix
+// (powers of 1024; "KiB" and "KB" spellings too).
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	upper := strings.ToUpper(t)
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}} {
+		for _, spelling := range []string{u.suffix + "IB", u.suffix + "B", u.suffix} {
+			if strings.HasSuffix(upper, spelling) {
+				upper, mult = strings.TrimSuffix(upper, spelling), u.mult
+				break
+			}
+		}
+		if mult != 1 {
+			break
+		}
+	}
+	upper = strings.TrimSuffix(upper, "B")
+	n, err := strconv.ParseInt(strings.TrimSpace(upper), 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("bad size %q: want a number of bytes with an optional K, M, G or T suffix", s)
+	}
+	return n * mult, nil
 }
