@@ -48,17 +48,18 @@ var (
 )
 
 const (
-	superblockMagic   = "nbdclone-metadata"
-	superblockVersion = 1
+	superblockMagic = "nbdclone-metadata"
+	// superblockVersion 2 added Rice-coded bitmap chunks; a version 1
+	// store is read as is and upgraded at open, before anything writes a
+	// chunk that version 1 could not read.
+	superblockVersion    = 2
+	minSuperblockVersion = 1
 	// ChunkBytes is the size of one bitmap chunk; ChunkRegions regions each.
 	ChunkBytes   = 4096
 	ChunkRegions = ChunkBytes * 8
 	chunkWords   = ChunkBytes / 8
 	// BlockSectors is the metadata block size dm-clone reports (4 KiB).
 	BlockSectors = 8
-
-	chunkRaw     = 0 // followed by the chunk's words, little endian
-	chunkAllOnes = 1 // every region of the chunk is hydrated
 )
 
 var (
@@ -370,8 +371,9 @@ func (s *Store) load(opts Options, fresh bool) error {
 		if err := json.Unmarshal(raw, &s.sb); err != nil || s.sb.Magic != superblockMagic {
 			return fmt.Errorf("%w: bad superblock in %s", ErrCorrupt, opts.Dir)
 		}
-		if s.sb.Version != superblockVersion {
-			return fmt.Errorf("%w: superblock version %d, this nbdclone reads %d", ErrCorrupt, s.sb.Version, superblockVersion)
+		if s.sb.Version < minSuperblockVersion || s.sb.Version > superblockVersion {
+			return fmt.Errorf("%w: superblock version %d, this nbdclone reads %d to %d",
+				ErrCorrupt, s.sb.Version, minSuperblockVersion, superblockVersion)
 		}
 		if s.sb.RegionSize != opts.RegionSize || s.sb.TargetSize != opts.TargetSize {
 			return fmt.Errorf("%w (metadata: region %d B, target %d B; table: region %d B, target %d B)",
@@ -382,6 +384,14 @@ func (s *Store) load(opts Options, fresh bool) error {
 		}
 		if err := s.checkSourceID(opts); err != nil {
 			return err
+		}
+		if s.sb.Version < superblockVersion {
+			s.sb.Version = superblockVersion
+			b, _ := json.Marshal(s.sb)
+			if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+				return fmt.Errorf("%w: upgrading the superblock: %w", ErrNoWrite, err)
+			}
+			s.log.Info("metadata format upgraded", "version", superblockVersion)
 		}
 	}
 	g, _ := regions.NewGeometry(opts.TargetSize, opts.RegionSize)
@@ -476,43 +486,6 @@ func chunkKey(c uint64) []byte {
 	copy(k, prefixBitmap)
 	binary.BigEndian.PutUint64(k[len(prefixBitmap):], c)
 	return k
-}
-
-func encodeChunk(words []uint64, full bool) []byte {
-	if full {
-		return []byte{chunkAllOnes}
-	}
-	v := make([]byte, 1+8*len(words))
-	v[0] = chunkRaw
-	for i, w := range words {
-		binary.LittleEndian.PutUint64(v[1+8*i:], w)
-	}
-	return v
-}
-
-func decodeChunk(v []byte, words []uint64) error {
-	if len(v) == 0 {
-		return errors.New("empty chunk")
-	}
-	switch v[0] {
-	case chunkAllOnes:
-		if len(v) != 1 {
-			return errors.New("bad all-ones chunk")
-		}
-		for i := range words {
-			words[i] = ^uint64(0)
-		}
-	case chunkRaw:
-		if len(v) != 1+8*len(words) {
-			return fmt.Errorf("raw chunk of %d bytes, want %d", len(v), 1+8*len(words))
-		}
-		for i := range words {
-			words[i] = binary.LittleEndian.Uint64(v[1+8*i:])
-		}
-	default:
-		return fmt.Errorf("unknown chunk encoding %d", v[0])
-	}
-	return nil
 }
 
 // Superblock returns the store's header.
