@@ -118,15 +118,18 @@ type Options struct {
 	ReserveBytes int64
 }
 
-// DefaultReserve is the ballast a store keeps (see Options.ReserveBytes).
-const DefaultReserve = 32 << 20
+// DefaultReserve is the ballast a store keeps (see Options.ReserveBytes):
+// room for a memtable flush and a compaction into the base level, which
+// is what badger may still write once the space check has refused the
+// commits that would start more.
+const DefaultReserve = 8 << 20
 
 // reserveName is the ballast file, inside the store's directory.
 const reserveName = "nbdclone.reserve"
 
 // commitHeadroom is the free space a commit needs beyond twice its own
-// bytes: one memtable that the commit may start and later flush.
-const commitHeadroom = 8 << 20
+// bytes: the memtables that the commit may start and later flush.
+const commitHeadroom = 2 * memTableSize
 
 // Validate checks the options.
 func (o *Options) Validate() error {
