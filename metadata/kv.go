@@ -106,14 +106,24 @@ func (b *badgerKV) Scan(prefix []byte, fn func(key, value []byte) error) error {
 }
 
 func (b *badgerKV) Put(entries []Entry) error {
-	// Each transaction must stay under badger's batch limit (15% of the
-	// memtable) and its value threshold; entries are independent, so splitting keeps every bit's
-	// guarantee: persisted ⇒ its data was durable first.
-	const maxTxnBytes = memTableSize / 10
+	// Each transaction must stay under badger's batch limits: 15% of the
+	// memtable in bytes (values below the value threshold count whole),
+	// and that over its ~100-byte skiplist node in entries. Entries are
+	// independent, so splitting keeps every bit's guarantee: persisted ⇒
+	// its data was durable first.
+	const (
+		maxTxnBytes   = memTableSize / 10
+		maxTxnEntries = memTableSize * 15 / 100 / 128
+		entryOverhead = 16 // badger's version suffix and metas
+	)
 	for len(entries) > 0 {
 		n, size := 0, 0
-		for n < len(entries) && (n == 0 || size+len(entries[n].Value)+len(entries[n].Key) < maxTxnBytes) {
-			size += len(entries[n].Value) + len(entries[n].Key)
+		for n < len(entries) && n < maxTxnEntries {
+			sz := len(entries[n].Key) + len(entries[n].Value) + entryOverhead
+			if n > 0 && size+sz >= maxTxnBytes {
+				break
+			}
+			size += sz
 			n++
 		}
 		err := b.db.Update(func(txn *badger.Txn) error {
