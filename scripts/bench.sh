@@ -33,6 +33,11 @@ FIO_SECONDS=${FIO_SECONDS:-5}
 SECTORS=$((SIZE_MB * 2048))
 TUNING=${TUNING:-"hydration_threshold 4096 hydration_batch_size 1024"}
 REGION=${REGION:-8}
+# Cases to run; M1 (a 1 TiB device, several minutes) only when asked:
+# M1=1 or CASES="... M1".
+CASES=${CASES:-"H1 H2 S1 S2 S3 F1"}
+[ "${M1:-0}" = 1 ] && CASES="$CASES M1"
+want() { [[ " $CASES " == *" $1 "* ]]; }
 
 for tool in nbdkit qemu-nbd fio nbdcopy python3; do
   command -v "$tool" >/dev/null || { echo "bench: $tool missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -53,6 +58,36 @@ cleanup() {
 trap cleanup EXIT
 
 now() { date +%s.%N; }
+NBDPY=python3
+python3 -c 'import nbd' 2>/dev/null || NBDPY=/usr/bin/python3 # pyenv pythons lack libnbd's module
+# A daemon of its own for a case, so its peak RSS (VmHWM) is that case's:
+# serve_start TAG sets CTL (control socket), NBDS (NBD socket), DPID.
+serve_start() {
+  CTL=$OUT/$1.ctl NBDS=$OUT/$1.nbd
+  env ${DAEMON_ENV:-} "$BIN" serve --listen "unix:$NBDS" --control "$CTL" --state "$OUT/$1.state" \
+    --log-level warn 2>"$OUT/$1.log" &
+  DPID=$!
+  PIDS+=("$DPID")
+  for _ in $(seq 100); do NBDCLONE_CONTROL=$CTL "$BIN" ls >/dev/null 2>&1 && break; sleep 0.1; done
+}
+serve_stop() { kill "$DPID"; wait "$DPID" 2>/dev/null || true; }
+vm_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; } # pid field → KiB
+# /usr/bin/time -v's peak RSS in MiB from its report file.
+time_peak_mib() { awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }' "$1"; }
+fio_json() { # file rw percentile? → IOPS, MiB/s (sequential) or a clat percentile in µs
+  python3 - "$@" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"]
+rw = sys.argv[2]
+side = "trim" if "trim" in rw else "write" if "write" in rw else "read"
+if len(sys.argv) > 3:
+    print(j[0][side]["clat_ns"]["percentile"][sys.argv[3]] / 1000)
+elif rw in ("read", "write"):
+    print(sum(x[side]["bw_bytes"] for x in j) / 2**20)
+else:
+    print(sum(x[side]["iops"] for x in j))
+PY
+}
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; } # case, competitor, value
 
 echo "bench: ${SIZE_MB} MiB, ${REPS} repetitions, work dir $OUT" >&2
@@ -76,6 +111,7 @@ hydrate_once() {
   echo "$t1 - $t0" | bc
 }
 
+if want H1; then
 echo "bench: H1 hydration" >&2
 for _ in $(seq "$REPS"); do
   record H1 nbdclone "$(hydrate_once)"
@@ -88,11 +124,11 @@ for _ in $(seq "$REPS"); do
   rm -f "$OUT/dd.img"
 done
 cmp "$OUT/src.img" "$OUT/dst.img" || { echo "bench: hydrated destination differs from the source" >&2; exit 1; }
+fi
 
+if want H2; then
 echo "bench: H2 hydration from an NBD source" >&2
 H2_READS=${H2_READS:-300}
-NBDPY=python3
-python3 -c 'import nbd' 2>/dev/null || NBDPY=/usr/bin/python3 # pyenv pythons lack libnbd's module
 nbdkit -f -U "$OUT/src.sock" file "$OUT/src.img" &
 PIDS+=($!)
 nbdkit -f -U "$OUT/srcd.sock" --filter=delay file "$OUT/src.img" rdelay=2ms &
@@ -185,7 +221,9 @@ for _ in $(seq "$REPS"); do
 done
 "$BIN" remove h2
 rm -f "$OUT/dst2.img"
+fi
 
+if want S1; then
 echo "bench: S1 serving a hydrated clone" >&2
 rm -rf "$OUT/md"
 "$BIN" create h --table "0 $SECTORS clone $OUT/md $OUT/dst.img $OUT/src.img $REGION 0 4 $TUNING"
@@ -218,6 +256,78 @@ for _ in $(seq "$REPS"); do
   done
 done
 "$BIN" remove h --force
+fi
+
+if want M1; then
+  # A 1 TiB sparse device with 4 KiB regions; 10% of its regions hydrated
+  # at random through NBD requests, then the daemon's peak RSS, the
+  # metadata directory's size and the FLUSH round trip after bursts of
+  # writes. The regions are hydrated by 4 KiB TRIMs (fio randtrim with its
+  # random map: each region once): a whole-region discard marks the region
+  # hydrated without copying, exactly as a whole-region write would, and
+  # 107 GiB of data would not fit on these disks. no_discard_passdown
+  # keeps the destination untouched (the case measures metadata).
+  M1_GB=${M1_GB:-1024}
+  M1_PCT=${M1_PCT:-10}
+  M1_BURSTS=${M1_BURSTS:-40}
+  M1_BURST=${M1_BURST:-1000}
+  echo "bench: M1 ${M1_GB} GiB, ${M1_PCT}% hydrated at random (minutes)" >&2
+  serve_start m1
+  rm -rf "$OUT/m1md" "$OUT/m1src.img" "$OUT/m1dst.img"
+  truncate -s "${M1_GB}G" "$OUT/m1src.img" "$OUT/m1dst.img"
+  NBDCLONE_CONTROL=$CTL "$BIN" create m1 --table \
+    "0 $((M1_GB << 21)) clone $OUT/m1md $OUT/m1dst.img $OUT/m1src.img 8 2 no_hydration no_discard_passdown"
+  m1_uri="nbd+unix:///m1?socket=$NBDS"
+  half=$((M1_GB / 2))
+  t0=$(now)
+  fio --name=m1 --ioengine=nbd --uri="$m1_uri" --rw=randtrim --bs=4k --iodepth=32 --numjobs=2 \
+    --size="${half}G" --offset_increment="${half}G" --io_size=$((M1_GB * 1024 * M1_PCT / 100 / 2))M \
+    --output-format=json --output="$OUT/m1fio.json" >/dev/null 2>&1
+  t1=$(now)
+  record "M1 hydrate ${M1_PCT}% by 4K TRIM (s)" nbdclone "$(echo "$t1 - $t0" | bc)"
+  record "M1 4K TRIM QD32×2 (IOPS)" nbdclone "$(fio_json "$OUT/m1fio.json" randtrim)"
+  # Commit latency: bursts of 4 KiB writes to random regions, then FLUSH.
+  read -r p50 p99 <<<"$("$NBDPY" - "$m1_uri" "$M1_BURSTS" "$M1_BURST" "$M1_GB" <<'PY'
+import nbd, random, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+bursts, burst, regions = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) << 18
+rng = random.Random(2)
+buf = nbd.Buffer.from_bytearray(bytearray(b"m" * 4096))
+lat = []
+for _ in range(bursts):
+    for r in rng.sample(range(regions), burst):
+        while h.aio_in_flight() >= 64:
+            h.poll(-1)
+        h.aio_pwrite(buf, r * 4096)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    t0 = time.perf_counter()
+    h.flush()
+    lat.append((time.perf_counter() - t0) * 1000)
+lat.sort()
+print(f"{lat[len(lat) // 2]:.3f} {lat[max(0, int(len(lat) * 0.99) - 1)]:.3f}")
+PY
+)"
+  record "M1 FLUSH after ${M1_BURST} random 4K writes, p50 (ms)" nbdclone "$p50"
+  record "M1 FLUSH after ${M1_BURST} random 4K writes, p99 (ms)" nbdclone "$p99"
+  sleep 5 # let badger's flushes and compactions settle
+  NBDCLONE_CONTROL=$CTL "$BIN" status m1 -o json >"$OUT/m1status.json"
+  hydrated=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["target"]["clone"]["hydrated_regions"])' "$OUT/m1status.json" 2>/dev/null ||
+    python3 -c 'import json, sys, re; print(re.search(r"\"hydrated_regions\": *(\d+)", open(sys.argv[1]).read()).group(1))' "$OUT/m1status.json")
+  echo "bench: M1 hydrated regions $hydrated of $((M1_GB << 18))" >&2
+  rss=$(echo "scale=1; $(vm_kib "$DPID" VmHWM) / 1024" | bc)
+  md=$(echo "scale=1; $(du -sk "$OUT/m1md" | cut -f1) / 1024" | bc)
+  record "M1 daemon peak RSS VmHWM (MiB)" nbdclone "$rss"
+  record "M1 daemon peak RSS VmHWM (MiB)" "goal" 128
+  record "M1 metadata directory du (MiB)" nbdclone "$md"
+  record "M1 metadata directory du (MiB)" "goal" 40
+  record "M1 metadata directory du without reserve (MiB)" nbdclone \
+    "$(echo "scale=1; ($(du -sk "$OUT/m1md" | cut -f1) - $(du -sk "$OUT/m1md/nbdclone.reserve" 2>/dev/null | cut -f1 || echo 0)) / 1024" | bc)"
+  NBDCLONE_CONTROL=$CTL "$BIN" remove m1 --force
+  serve_stop
+  rm -rf "$OUT/m1md" "$OUT/m1src.img" "$OUT/m1dst.img"
+fi
 
 python3 - "$RESULTS" "$OUT/bench.json" <<'PY'
 import json, statistics, sys
@@ -231,11 +341,12 @@ print("|---|---|---|---|---|")
 for case, whos in cases.items():
     med = {w: statistics.median(v) for w, v in whos.items()}
     ours = med["nbdclone"]
-    higher_better = "IOPS" in case or "MiB/s" in case
+    unit = case[case.rfind("(") + 1:-1] if case.endswith(")") else ""
+    higher_better = unit in ("IOPS", "MiB/s")
     for w, m in med.items():
         ratio = (ours / m) if w != "nbdclone" else 1.0
         note = "" if w == "nbdclone" else (" (≥1 is better)" if higher_better else " (≤1 is better)")
-        unit = "" if higher_better else (" ms" if "(ms)" in case else " s")
+        unit = "" if higher_better else f" {unit}"
         print(f"| {case} | {w} | {m:.3f}{unit} | {len(whos[w])} | {ratio:.2f}{note} |")
     out[case] = {"median": med, "runs": whos}
 json.dump(out, open(sys.argv[2], "w"), indent=1)
