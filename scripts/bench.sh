@@ -329,6 +329,139 @@ PY
   rm -rf "$OUT/m1md" "$OUT/m1src.img" "$OUT/m1dst.img"
 fi
 
+if want S2; then
+  # Serving an unhydrated clone: no_hydration, so every read goes to the
+  # source (the local file), vs nbdkit's cow filter over the same file
+  # (nothing written, so every read passes through to the file).
+  echo "bench: S2 serving an unhydrated clone" >&2
+  serve_start s2
+  rm -rf "$OUT/s2md"; truncate -s "${SIZE_MB}M" "$OUT/s2dst.img"
+  NBDCLONE_CONTROL=$CTL "$BIN" create s2 --table "0 $SECTORS clone $OUT/s2md $OUT/s2dst.img $OUT/src.img $REGION 1 no_hydration"
+  /usr/bin/time -v -o "$OUT/s2kit.time" nbdkit -f -U "$OUT/s2kit.sock" -P "$OUT/s2kit.pid" --filter=cow file "$OUT/src.img" &
+  s2time=$!
+  for _ in $(seq 100); do [ -S "$OUT/s2kit.sock" ] && [ -s "$OUT/s2kit.pid" ] && break; sleep 0.1; done
+  declare -A S2URIS=([nbdclone]="nbd+unix:///s2?socket=$NBDS" ["nbdkit cow"]="nbd+unix:///?socket=$OUT/s2kit.sock")
+  s2_fio() { # uri rw bs depth → IOPS or MiB/s
+    fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" --size="${SIZE_MB}M" \
+      --runtime="$FIO_SECONDS" --time_based --output-format=json --output="$OUT/s2fio.json" >/dev/null 2>&1
+    fio_json "$OUT/s2fio.json" "$2"
+  }
+  for rep in $(seq "$REPS"); do
+    order=(nbdclone "nbdkit cow")
+    [ $((rep % 2)) = 0 ] && order=("nbdkit cow" nbdclone)
+    for who in "${order[@]}"; do
+      record "S2 unhydrated 4K randread QD32 (IOPS)" "$who" "$(s2_fio "${S2URIS[$who]}" randread 4k 32)"
+      record "S2 unhydrated 1M seq read QD8 (MiB/s)" "$who" "$(s2_fio "${S2URIS[$who]}" read 1M 8)"
+    done
+  done
+  hydrated=$(NBDCLONE_CONTROL=$CTL "$BIN" status s2 | awk '{ print $7 }')
+  echo "bench: S2 clone hydrated regions after the runs: $hydrated (reads never hydrate under no_hydration)" >&2
+  record "S2 peak RSS (MiB)" nbdclone "$(echo "scale=1; $(vm_kib "$DPID" VmHWM) / 1024" | bc)"
+  kill "$(cat "$OUT/s2kit.pid")"; wait "$s2time" || true
+  record "S2 peak RSS (MiB)" "nbdkit cow" "$(time_peak_mib "$OUT/s2kit.time")"
+  NBDCLONE_CONTROL=$CTL "$BIN" remove s2
+  serve_stop
+  rm -f "$OUT/s2dst.img"
+fi
+
+if want S3; then
+  # Foreground reads under background hydration: fio 4 KiB random reads
+  # (QD1, so clat is the round trip) of regions hydrated beforehand (by
+  # NBD_CMD_CACHE), while hydration of the rest runs at full speed from a
+  # fast source (nbdkit pattern: generated data, no disk, so the copier,
+  # not the source, is the limit), vs the same reads with hydration off.
+  S3_MB=${S3_MB:-8192}
+  S3_HOT_MB=${S3_HOT_MB:-256}
+  echo "bench: S3 latency under hydration (${S3_MB} MiB source, ${S3_HOT_MB} MiB hot)" >&2
+  nbdkit -f -U "$OUT/pat.sock" pattern size="${S3_MB}M" &
+  PIDS+=($!)
+  serve_start s3
+  for _ in $(seq 100); do [ -S "$OUT/pat.sock" ] && break; sleep 0.1; done
+  s3_fio() { # → "p50 p99" in µs
+    fio --name=b --ioengine=nbd --uri="nbd+unix:///s3?socket=$NBDS" --rw=randread --bs=4k --iodepth=1 \
+      --size="${S3_HOT_MB}M" --runtime="$FIO_SECONDS" --time_based --output-format=json --output="$OUT/s3fio.json" >/dev/null 2>&1
+    echo "$(fio_json "$OUT/s3fio.json" randread 50.000000) $(fio_json "$OUT/s3fio.json" randread 99.000000)"
+  }
+  s3_hydrated() { NBDCLONE_CONTROL=$CTL "$BIN" status s3 | awk '{ split($7, a, "/"); print a[1] }'; }
+  for _ in $(seq "$REPS"); do
+    rm -rf "$OUT/s3md"; truncate -s "${S3_MB}M" "$OUT/s3dst.img"
+    NBDCLONE_CONTROL=$CTL "$BIN" create s3 --table \
+      "0 $((S3_MB * 2048)) clone $OUT/s3md $OUT/s3dst.img nbd+unix:///?socket=$OUT/pat.sock $REGION 1 no_hydration 4 $TUNING"
+    "$NBDPY" -c "import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.cache($S3_HOT_MB << 20, 0)" "nbd+unix:///s3?socket=$NBDS"
+    read -r p50 p99 <<<"$(s3_fio)"
+    record "S3 4K randread QD1 of hydrated regions, p50 (µs)" "idle (hydration off)" "$p50"
+    record "S3 4K randread QD1 of hydrated regions, p99 (µs)" "idle (hydration off)" "$p99"
+    before=$(s3_hydrated)
+    NBDCLONE_CONTROL=$CTL "$BIN" message s3 0 enable_hydration
+    read -r p50 p99 <<<"$(s3_fio)"
+    after=$(s3_hydrated)
+    record "S3 4K randread QD1 of hydrated regions, p50 (µs)" nbdclone "$p50"
+    record "S3 4K randread QD1 of hydrated regions, p99 (µs)" nbdclone "$p99"
+    record "S3 hydrated during the busy run (MiB/s)" nbdclone "$(echo "scale=1; ($after - $before) * $REGION / 2048 / $FIO_SECONDS" | bc)"
+    NBDCLONE_CONTROL=$CTL "$BIN" remove s3 --force
+    rm -f "$OUT/s3dst.img"
+  done
+  serve_stop
+fi
+
+if want F1; then
+  # The fstrim flow: a 2 GiB ext4 image, half full of files, cloned from
+  # create to a mounted (nbdfuse + loop), trimmed, fully hydrated clone,
+  # vs dd of the whole source. Only the used half should be copied: the
+  # discards of the free half skip their regions.
+  F1_MB=${F1_MB:-2048}
+  echo "bench: F1 fstrim flow (${F1_MB} MiB ext4, half full)" >&2
+  for tool in nbdfuse losetup mkfs.ext4 fstrim mount umount; do
+    command -v "$tool" >/dev/null || { echo "bench: F1 needs $tool" >&2; exit 1; }
+  done
+  mkdir -p "$OUT/f1data" "$OUT/fuse" "$OUT/fs"
+  for i in $(seq $((F1_MB / 2 / 64))); do head -c 64M /dev/urandom >"$OUT/f1data/file$i"; done
+  mkfs.ext4 -q -F -d "$OUT/f1data" "$OUT/f1src.img" "${F1_MB}M"
+  rm -rf "$OUT/f1data"
+  cat "$OUT/f1src.img" >/dev/null
+  serve_start f1
+  f1_clone() { # → seconds from create to mounted, trimmed and hydrated
+    rm -rf "$OUT/f1md"; rm -f "$OUT/f1dst.img"; truncate -s "${F1_MB}M" "$OUT/f1dst.img"; sync
+    local t0 t1 fusepid loop
+    t0=$(now)
+    NBDCLONE_CONTROL=$CTL "$BIN" create f1 --table \
+      "0 $((F1_MB * 2048)) clone $OUT/f1md $OUT/f1dst.img $OUT/f1src.img $REGION 1 no_hydration 4 $TUNING"
+    nbdfuse "$OUT/fuse/disk" "nbd+unix:///f1?socket=$NBDS" &
+    fusepid=$!
+    for _ in $(seq 200); do [ -e "$OUT/fuse/disk" ] && break; sleep 0.05; done
+    loop=$(losetup -f --show "$OUT/fuse/disk")
+    mount "$loop" "$OUT/fs"
+    fstrim "$OUT/fs"
+    NBDCLONE_CONTROL=$CTL "$BIN" message f1 0 enable_hydration
+    NBDCLONE_CONTROL=$CTL "$BIN" wait f1
+    t1=$(now)
+    NBDCLONE_CONTROL=$CTL "$BIN" status f1 -o json >"$OUT/f1status.json"
+    umount "$OUT/fs"; losetup -d "$loop"; umount "$OUT/fuse"; wait "$fusepid" || true
+    NBDCLONE_CONTROL=$CTL "$BIN" remove f1
+    echo "$t1 - $t0" | bc
+  }
+  f1_stat() { python3 -c 'import json, sys
+def find(o, k):
+    if isinstance(o, dict):
+        if k in o: return o[k]
+        for v in o.values():
+            r = find(v, k)
+            if r is not None: return r
+print(find(json.load(open(sys.argv[1])), sys.argv[2]) / 2**20)' "$OUT/f1status.json" "$1"; }
+  for _ in $(seq "$REPS"); do
+    record "F1 create → mounted, trimmed, hydrated (s)" nbdclone "$(f1_clone)"
+    record "F1 skipped by discard (MiB)" nbdclone "$(f1_stat hydrated_discard_bytes)"
+    record "F1 copied from the source (MiB)" nbdclone "$(f1_stat source_copy_bytes)"
+    rm -f "$OUT/f1dd.img"; sync
+    t0=$(now); dd if="$OUT/f1src.img" of="$OUT/f1dd.img" bs=4M conv=fsync status=none; t1=$(now)
+    record "F1 create → mounted, trimmed, hydrated (s)" "dd bs=4M conv=fsync (whole source)" "$(echo "$t1 - $t0" | bc)"
+    record "F1 copied from the source (MiB)" "dd bs=4M conv=fsync (whole source)" "$F1_MB"
+    rm -f "$OUT/f1dd.img"
+  done
+  serve_stop
+  rm -f "$OUT/f1src.img" "$OUT/f1dst.img"
+fi
+
 python3 - "$RESULTS" "$OUT/bench.json" <<'PY'
 import json, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
@@ -341,12 +474,12 @@ print("|---|---|---|---|---|")
 for case, whos in cases.items():
     med = {w: statistics.median(v) for w, v in whos.items()}
     ours = med["nbdclone"]
-    unit = case[case.rfind("(") + 1:-1] if case.endswith(")") else ""
-    higher_better = unit in ("IOPS", "MiB/s")
+    what = case[case.rfind("(") + 1:-1] if case.endswith(")") else ""
+    higher_better = what in ("IOPS", "MiB/s")
+    unit = "" if higher_better or not what else f" {what}"
     for w, m in med.items():
         ratio = (ours / m) if w != "nbdclone" else 1.0
         note = "" if w == "nbdclone" else (" (≥1 is better)" if higher_better else " (≤1 is better)")
-        unit = "" if higher_better else f" {unit}"
         print(f"| {case} | {w} | {m:.3f}{unit} | {len(whos[w])} | {ratio:.2f}{note} |")
     out[case] = {"median": med, "runs": whos}
 json.dump(out, open(sys.argv[2], "w"), indent=1)
