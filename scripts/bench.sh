@@ -43,7 +43,7 @@ for tool in nbdkit qemu-nbd fio nbdcopy python3; do
   command -v "$tool" >/dev/null || { echo "bench: $tool missing: run scripts/install-deps.sh" >&2; exit 1; }
 done
 
-OUT=$(mktemp -d /tmp/nbdclone-bench.XXXXXX)
+OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/nbdclone-bench.XXXXXX") # BENCH_DIR: where the images go
 export NBDCLONE_CONTROL=$OUT/control.sock
 RESULTS=$OUT/results.tsv
 : >"$RESULTS"
@@ -114,13 +114,13 @@ hydrate_once() {
 if want H1; then
 echo "bench: H1 hydration" >&2
 for _ in $(seq "$REPS"); do
-  record H1 nbdclone "$(hydrate_once)"
+  record "H1 hydrate local file (s)" nbdclone "$(hydrate_once)"
   rm -f "$OUT/dd.img"; sync
   t0=$(now); dd if="$OUT/src.img" of="$OUT/dd.img" bs=4M conv=fsync status=none; t1=$(now)
-  record H1 "dd bs=4M conv=fsync" "$(echo "$t1 - $t0" | bc)"
+  record "H1 hydrate local file (s)" "dd bs=4M conv=fsync" "$(echo "$t1 - $t0" | bc)"
   rm -f "$OUT/dd.img"; sync
   t0=$(now); cp "$OUT/src.img" "$OUT/dd.img"; sync "$OUT/dd.img"; t1=$(now)
-  record H1 "cp + sync" "$(echo "$t1 - $t0" | bc)"
+  record "H1 hydrate local file (s)" "cp + sync" "$(echo "$t1 - $t0" | bc)"
   rm -f "$OUT/dd.img"
 done
 cmp "$OUT/src.img" "$OUT/dst.img" || { echo "bench: hydrated destination differs from the source" >&2; exit 1; }
