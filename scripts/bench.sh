@@ -225,7 +225,7 @@ fi
 
 if want S1; then
 echo "bench: S1 serving a hydrated clone" >&2
-rm -rf "$OUT/md"
+rm -rf "$OUT/md"; rm -f "$OUT/dst.img"; truncate -s "${SIZE_MB}M" "$OUT/dst.img"
 "$BIN" create h --table "0 $SECTORS clone $OUT/md $OUT/dst.img $OUT/src.img $REGION 0 4 $TUNING"
 "$BIN" wait h
 nbdkit -U "$OUT/kit.sock" -P "$OUT/kit.pid" file "$OUT/dst.img"
