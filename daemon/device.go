@@ -89,6 +89,10 @@ type device struct {
 	// childRefs is the sum of children: while it is not 0 the device is a
 	// parent and refuses writes. writers counts writes past that check.
 	childRefs, writers atomic.Int64
+
+	// ioLive mirrors live for the I/O path, which reads it on every
+	// request without taking mu; it is stored only under mu, next to live.
+	ioLive atomic.Pointer[handle]
 }
 
 func newDevice(name string, tbl target.Table, dir string, created time.Time, log *slog.Logger) *device {
@@ -176,6 +180,7 @@ func (d *device) publish(h *handle) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.live = h
+	d.ioLive.Store(h)
 	d.table, d.dir = h.table, h.dir
 	d.failure = nil
 	if d.swapping != nil {
@@ -190,6 +195,7 @@ func (d *device) unpublish() *handle {
 	defer d.mu.Unlock()
 	h := d.live
 	d.live = nil
+	d.ioLive.Store(nil)
 	if d.swapping == nil {
 		d.swapping = make(chan struct{})
 	}
@@ -201,6 +207,7 @@ func (d *device) setFailed(cause error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.live = nil
+	d.ioLive.Store(nil)
 	d.failure = cause
 	if d.swapping != nil {
 		close(d.swapping)
@@ -221,14 +228,14 @@ func (d *device) isSuspended() bool {
 }
 
 // ioTarget returns the target for an I/O that entered the gate. The gate
-// guarantees no swap is under way (invariant 1).
+// guarantees no swap is under way (invariant 1); the atomic spares every
+// request a lock round trip on mu.
 func (d *device) ioTarget() (target.Target, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.live == nil {
+	h := d.ioLive.Load()
+	if h == nil {
 		return nil, target.ErrIO
 	}
-	return d.live.t, nil
+	return h.t, nil
 }
 
 // Device implements nbdserver.Export (and Extenter) by forwarding to the

@@ -18,7 +18,10 @@
 //     chunk; Commit collects and clears marks atomically per word, then reads
 //     the chunk words, so any bit set before its mark is in that read.
 //   - Memory: one bit per region in core, never one key per region in the
-//     store. Once every region is hydrated and committed the in-core bitmap
+//     store. A stored chunk is coded (chunk.go: all ones in one byte, sparse
+//     or dense bits Rice-coded, raw only when coding would not be smaller);
+//     decoding refuses anything malformed with ErrCorrupt, never panics.
+//     Version 1 stores (raw chunks only) are read and upgraded at open. Once every region is hydrated and committed the in-core bitmap
 //     is released (dm-clone known issue 2).
 //   - A store pinned to a source identity (SourceID: an http(s) object's
 //     ETag, or Last-Modified and size) is refused with ErrSourceChanged

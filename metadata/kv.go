@@ -28,23 +28,37 @@ type Entry struct {
 	Key, Value []byte
 }
 
+// The store's size knobs. A 1 TiB device with 4 KiB regions and 10% of
+// them hydrated at random holds about 16 MiB of coded chunks, and a
+// commit may rewrite all of them: small memtables and tables keep badger's
+// arenas, table builders and write-ahead files (all counted in the
+// daemon's RSS and the directory's size) to a few MiB each, at the cost of
+// more, smaller flushes.
+const (
+	memTableSize  = 2 << 20
+	baseTableSize = 1 << 20
+	baseLevelSize = 4 << 20
+)
+
 type badgerKV struct {
 	db *badger.DB
 }
 
 // openBadger opens (creating if needed) a badger store tuned for a tiny
-// metadata set: small memtables, no block cache, no compression, one version.
+// metadata set: small memtables, no block cache, no compression (chunks
+// are coded already), one version, values kept in the LSM tree.
 func openBadger(dir string, log *slog.Logger) (*badgerKV, error) {
 	opts := badger.DefaultOptions(dir).
 		WithLogger(badgerLogger{log}).
 		WithSyncWrites(true).
 		WithNumVersionsToKeep(1).
-		WithMemTableSize(8 << 20).
+		WithMemTableSize(memTableSize).
+		WithValueThreshold(memTableSize / 10).
 		WithNumMemtables(2).
 		WithNumLevelZeroTables(2).
 		WithNumLevelZeroTablesStall(8).
-		WithBaseTableSize(2 << 20).
-		WithBaseLevelSize(8 << 20).
+		WithBaseTableSize(baseTableSize).
+		WithBaseLevelSize(baseLevelSize).
 		WithNumCompactors(2).
 		WithBlockCacheSize(0).
 		WithIndexCacheSize(0).
@@ -92,14 +106,24 @@ func (b *badgerKV) Scan(prefix []byte, fn func(key, value []byte) error) error {
 }
 
 func (b *badgerKV) Put(entries []Entry) error {
-	// Each transaction must stay under badger's batch limit (15% of the
-	// memtable); entries are independent, so splitting keeps every bit's
-	// guarantee: persisted ⇒ its data was durable first.
-	const maxTxnBytes = 512 << 10
+	// Each transaction must stay under badger's batch limits: 15% of the
+	// memtable in bytes (values below the value threshold count whole),
+	// and that over its ~100-byte skiplist node in entries. Entries are
+	// independent, so splitting keeps every bit's guarantee: persisted ⇒
+	// its data was durable first.
+	const (
+		maxTxnBytes   = memTableSize / 10
+		maxTxnEntries = memTableSize * 15 / 100 / 128
+		entryOverhead = 16 // badger's version suffix and metas
+	)
 	for len(entries) > 0 {
 		n, size := 0, 0
-		for n < len(entries) && (n == 0 || size+len(entries[n].Value)+len(entries[n].Key) < maxTxnBytes) {
-			size += len(entries[n].Value) + len(entries[n].Key)
+		for n < len(entries) && n < maxTxnEntries {
+			sz := len(entries[n].Key) + len(entries[n].Value) + entryOverhead
+			if n > 0 && size+sz >= maxTxnBytes {
+				break
+			}
+			size += sz
 			n++
 		}
 		err := b.db.Update(func(txn *badger.Txn) error {

@@ -50,17 +50,18 @@ var (
 )
 
 const (
-	superblockMagic   = "nbdclone-metadata"
-	superblockVersion = 1
+	superblockMagic = "nbdclone-metadata"
+	// superblockVersion 2 added Rice-coded bitmap chunks; a version 1
+	// store is read as is and upgraded at open, before anything writes a
+	// chunk that version 1 could not read.
+	superblockVersion    = 2
+	minSuperblockVersion = 1
 	// ChunkBytes is the size of one bitmap chunk; ChunkRegions regions each.
 	ChunkBytes   = 4096
 	ChunkRegions = ChunkBytes * 8
 	chunkWords   = ChunkBytes / 8
 	// BlockSectors is the metadata block size dm-clone reports (4 KiB).
 	BlockSectors = 8
-
-	chunkRaw     = 0 // followed by the chunk's words, little endian
-	chunkAllOnes = 1 // every region of the chunk is hydrated
 )
 
 var (
@@ -130,15 +131,18 @@ type Options struct {
 	ReserveBytes int64
 }
 
-// DefaultReserve is the ballast a store keeps (see Options.ReserveBytes).
-const DefaultReserve = 32 << 20
+// DefaultReserve is the ballast a store keeps (see Options.ReserveBytes):
+// room for a memtable flush and a compaction into the base level, which
+// is what badger may still write once the space check has refused the
+// commits that would start more.
+const DefaultReserve = 8 << 20
 
 // reserveName is the ballast file, inside the store's directory.
 const reserveName = "nbdclone.reserve"
 
 // commitHeadroom is the free space a commit needs beyond twice its own
-// bytes: one memtable that the commit may start and later flush.
-const commitHeadroom = 8 << 20
+// bytes: the memtables that the commit may start and later flush.
+const commitHeadroom = 2 * memTableSize
 
 // Validate checks the options.
 func (o *Options) Validate() error {
@@ -383,8 +387,9 @@ func (s *Store) load(opts Options, fresh bool) error {
 		if err := json.Unmarshal(raw, &s.sb); err != nil || s.sb.Magic != superblockMagic {
 			return fmt.Errorf("%w: bad superblock in %s", ErrCorrupt, opts.Dir)
 		}
-		if s.sb.Version != superblockVersion {
-			return fmt.Errorf("%w: superblock version %d, this nbdclone reads %d", ErrCorrupt, s.sb.Version, superblockVersion)
+		if s.sb.Version < minSuperblockVersion || s.sb.Version > superblockVersion {
+			return fmt.Errorf("%w: superblock version %d, this nbdclone reads %d to %d",
+				ErrCorrupt, s.sb.Version, minSuperblockVersion, superblockVersion)
 		}
 		if s.sb.RegionSize != opts.RegionSize || s.sb.TargetSize != opts.TargetSize {
 			return fmt.Errorf("%w (metadata: region %d B, target %d B; table: region %d B, target %d B)",
@@ -398,6 +403,14 @@ func (s *Store) load(opts Options, fresh bool) error {
 		}
 		if err := s.checkSourceID(opts); err != nil {
 			return err
+		}
+		if s.sb.Version < superblockVersion {
+			s.sb.Version = superblockVersion
+			b, _ := json.Marshal(s.sb)
+			if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+				return fmt.Errorf("%w: upgrading the superblock: %w", ErrNoWrite, err)
+			}
+			s.log.Info("metadata format upgraded", "version", superblockVersion)
 		}
 	}
 	g, _ := regions.NewGeometry(opts.TargetSize, opts.RegionSize)
@@ -514,43 +527,6 @@ func chunkKey(c uint64) []byte {
 	copy(k, prefixBitmap)
 	binary.BigEndian.PutUint64(k[len(prefixBitmap):], c)
 	return k
-}
-
-func encodeChunk(words []uint64, full bool) []byte {
-	if full {
-		return []byte{chunkAllOnes}
-	}
-	v := make([]byte, 1+8*len(words))
-	v[0] = chunkRaw
-	for i, w := range words {
-		binary.LittleEndian.PutUint64(v[1+8*i:], w)
-	}
-	return v
-}
-
-func decodeChunk(v []byte, words []uint64) error {
-	if len(v) == 0 {
-		return errors.New("empty chunk")
-	}
-	switch v[0] {
-	case chunkAllOnes:
-		if len(v) != 1 {
-			return errors.New("bad all-ones chunk")
-		}
-		for i := range words {
-			words[i] = ^uint64(0)
-		}
-	case chunkRaw:
-		if len(v) != 1+8*len(words) {
-			return fmt.Errorf("raw chunk of %d bytes, want %d", len(v), 1+8*len(words))
-		}
-		for i := range words {
-			words[i] = binary.LittleEndian.Uint64(v[1+8*i:])
-		}
-	default:
-		return fmt.Errorf("unknown chunk encoding %d", v[0])
-	}
-	return nil
 }
 
 // Superblock returns the store's header.
