@@ -24,6 +24,11 @@ const (
 	CauseHint
 )
 
+// busyRecheck is how often a held-back sweep looks whether the device
+// became idle: busy can end without a kick (a planner may count a device
+// busy for a while after its last request).
+const busyRecheck = 10 * time.Millisecond
+
 // Planner is what the Sweeper needs from a clone: the bitmap, the region
 // locks and the copy. Implementations are safe for concurrent use.
 type Planner interface {
@@ -36,7 +41,8 @@ type Planner interface {
 	// Hydrate copies the claimed regions, marks them hydrated if and only
 	// if the copy succeeded, and unlocks them in every case.
 	Hydrate(ctx context.Context, start, count uint64, cause Cause) error
-	// Busy reports whether user I/O is in flight.
+	// Busy reports whether user I/O is in flight (or, for a clone, was
+	// moments ago).
 	Busy() bool
 	// CanHydrate reports whether there is anything to do and the metadata
 	// can record it (mode rw, some region unhydrated).
@@ -278,7 +284,9 @@ func (s *Sweeper) fill() time.Duration {
 				}
 				if since := now.Sub(s.lastBatch); since < s.opts.BusyInterval {
 					s.mu.Unlock()
-					return s.opts.BusyInterval - since
+					// Busy ends without a kick (it lasts a little past
+					// the last request): look again soon.
+					return min(s.opts.BusyInterval-since, busyRecheck)
 				}
 			}
 		}
@@ -319,7 +327,7 @@ func (s *Sweeper) fill() time.Duration {
 		s.mu.Unlock()
 		go s.copy(start, count, cause, gen)
 		if busy {
-			return s.opts.BusyInterval
+			return busyRecheck
 		}
 	}
 }

@@ -400,3 +400,52 @@ func TestDiscardDuringCopyCannotLoseWrite(t *testing.T) {
 		t.Fatal("the background copy landed over an acknowledged write")
 	}
 }
+
+// TestQueueDepthOneReadsHoldHydrationBack: dm-clone starts copies whenever
+// no user I/O is in flight, which a client at queue depth 1 leaves between
+// every two requests. Here the device stays busy for a moment after each
+// request, so constant QD1 reads hold the sweep to its one batch per
+// BusyInterval; once they stop, hydration runs again.
+func TestQueueDepthOneReadsHoldHydrationBack(t *testing.T) {
+	f := newFixture(t, 256*4096, 24)
+	// Reads are not hints here: hinted copies are not held back.
+	tb, err := ParseTable(f.line(8, "2 no_hydration no_read_hints"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := f.env()
+	env.Sweep.BusyInterval = time.Hour // while busy: one batch, then none
+	tg, err := Build(bg, tb, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	tg.Resume()
+	stop := make(chan struct{})
+	done := make(chan int)
+	go func() {
+		p := make([]byte, 4096)
+		n := 0
+		for {
+			select {
+			case <-stop:
+				done <- n
+				return
+			default:
+			}
+			tg.ReadAt(bg, p, int64(n%256)*4096)
+			n++
+		}
+	}()
+	time.Sleep(50 * time.Millisecond)
+	tg.Message(bg, []string{"enable_hydration"})
+	time.Sleep(300 * time.Millisecond)
+	busyHydrated := tg.Info().Clone.HydratedRegions
+	close(stop)
+	reads := <-done
+	if busyHydrated > 1 {
+		t.Errorf("%d regions hydrated under constant QD1 reads (%d reads), want at most one batch", busyHydrated, reads)
+	}
+	waitHydrated(t, tg, 20*time.Second)
+	t.Logf("%d reads; hydrated while they ran: %d", reads, busyHydrated)
+}
