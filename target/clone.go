@@ -66,8 +66,8 @@ type clone struct {
 	// busyHoldoff after it, not only while I/O is in flight.
 	born       time.Time
 	lastUserIO atomic.Int64
-	onDemand     atomic.Int64 // regions copied or overwritten for user I/O now
-	suspended    atomic.Bool
+	onDemand   atomic.Int64 // regions copied or overwritten for user I/O now
+	suspended  atomic.Bool
 
 	// The periodic committer (dm-clone's waker); runs while resumed.
 	wakerMu     sync.Mutex
