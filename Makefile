@@ -35,6 +35,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzRequests$$' -fuzztime $(FUZZTIME) ./nbdserver
 	$(GO) test -run '^$$' -fuzz '^FuzzParseTable$$' -fuzztime $(FUZZTIME) ./target
 	$(GO) test -run '^$$' -fuzz '^FuzzCloneArgs$$' -fuzztime $(FUZZTIME) ./target
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeChunk$$' -fuzztime $(FUZZTIME) ./metadata
 
 # The reliability tests, longer: the random model with more operations and
 # a fixed or random seed (SEED=0: time-based, printed on failure), longer
