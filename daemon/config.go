@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -203,7 +204,7 @@ func (c Config) Validate() error {
 		switch {
 		case err != nil:
 			errs = append(errs, fmt.Errorf("metrics: %w", err))
-		case a.network != "tcp":
+		case a.network != "tcp" || a.exports != nil:
 			errs = append(errs, fmt.Errorf("metrics address %q: want tcp:HOST:PORT", c.Metrics))
 		}
 		if c.Gatherer == nil {
@@ -232,15 +233,40 @@ func (c Config) Validate() error {
 	return nil
 }
 
-// listenAddr is one parsed "unix:PATH" or "tcp:HOST:PORT".
+// listenAddr is one parsed "unix:PATH" or "tcp:HOST:PORT", with an
+// optional "?exports=A,B" allowlist.
 type listenAddr struct {
 	network string // "unix" or "tcp"
 	addr    string // a clean path, or HOST:PORT
+	// exports, if not nil, are the only exports this listener lists and
+	// opens; every other name is unknown on it.
+	exports []string
 }
 
 func (a listenAddr) String() string { return a.network + ":" + a.addr }
 
+// allows reports whether the listener serves export name.
+func (a listenAddr) allows(name string) bool {
+	return a.exports == nil || slices.Contains(a.exports, name)
+}
+
 func parseListen(s string) (listenAddr, error) {
+	spec, list, hasList := strings.Cut(s, "?exports=")
+	a, err := parseListenAddr(spec)
+	if err != nil || !hasList {
+		return a, err
+	}
+	a.exports = []string{}
+	for _, name := range strings.Split(list, ",") {
+		if name == "" {
+			return listenAddr{}, fmt.Errorf("listen address %q: empty export name in ?exports=", s)
+		}
+		a.exports = append(a.exports, name)
+	}
+	return a, nil
+}
+
+func parseListenAddr(s string) (listenAddr, error) {
 	network, addr, ok := strings.Cut(s, ":")
 	if !ok {
 		return listenAddr{}, fmt.Errorf("listen address %q: want unix:PATH or tcp:HOST:PORT", s)

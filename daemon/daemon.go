@@ -110,6 +110,9 @@ func (d *Daemon) uris(name string) []string {
 	defer d.mu.Unlock()
 	out := make([]string, 0, len(d.nbdAddrs))
 	for _, a := range d.nbdAddrs {
+		if !a.allows(name) {
+			continue
+		}
 		uri := exportURI(a, name)
 		if d.cfg.TLS.Mode == nbdserver.TLSRequire.String() {
 			// The nbds schemes make clients start TLS.
@@ -252,7 +255,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 			continue
 		}
 		d.goFunc(func() {
-			if err := d.srv.Serve(nbdCtx, l); err != nil && nbdCtx.Err() == nil && ctx.Err() == nil {
+			if err := d.srv.ServeListener(nbdCtx, l.Listener, nbdserver.ListenerOptions{Exports: l.addr.exports}); err != nil && nbdCtx.Err() == nil && ctx.Err() == nil {
 				fatal <- fmt.Errorf("%w: NBD listener %s: %w", ErrInternal, l.addr, err)
 			}
 		})

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -395,10 +396,10 @@ func TestExportURI(t *testing.T) {
 		a    listenAddr
 		want string
 	}{
-		{listenAddr{"unix", "/run/nbdclone/nbd.sock"}, "nbd+unix:///d?socket=/run/nbdclone/nbd.sock"},
-		{listenAddr{"tcp", "127.0.0.1:10809"}, "nbd://127.0.0.1:10809/d"},
-		{listenAddr{"tcp", "0.0.0.0:10809"}, "nbd://localhost:10809/d"},
-		{listenAddr{"tcp", "[::1]:10809"}, "nbd://[::1]:10809/d"},
+		{listenAddr{network: "unix", addr: "/run/nbdclone/nbd.sock"}, "nbd+unix:///d?socket=/run/nbdclone/nbd.sock"},
+		{listenAddr{network: "tcp", addr: "127.0.0.1:10809"}, "nbd://127.0.0.1:10809/d"},
+		{listenAddr{network: "tcp", addr: "0.0.0.0:10809"}, "nbd://localhost:10809/d"},
+		{listenAddr{network: "tcp", addr: "[::1]:10809"}, "nbd://[::1]:10809/d"},
 	} {
 		if got := exportURI(tc.a, "d"); got != tc.want {
 			t.Errorf("%v: %q, want %q", tc.a, got, tc.want)
@@ -467,4 +468,30 @@ func TestDaemonTCPListener(t *testing.T) {
 		t.Fatalf("NBD TCP listener: %v", err)
 	}
 	conn.Close()
+}
+
+func TestParseListenExports(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		exports []string
+		bad     bool
+	}{
+		{in: "unix:/run/n.sock"},
+		{in: "unix:/run/n.sock?exports=a", exports: []string{"a"}},
+		{in: "tcp:127.0.0.1:10809?exports=a,b", exports: []string{"a", "b"}},
+		{in: "tcp:127.0.0.1:10809?exports=", bad: true},
+		{in: "unix:/run/n.sock?exports=a,,b", bad: true},
+	} {
+		a, err := parseListen(tc.in)
+		if (err != nil) != tc.bad {
+			t.Errorf("parseListen(%q): %v", tc.in, err)
+			continue
+		}
+		if !tc.bad && !slices.Equal(a.exports, tc.exports) {
+			t.Errorf("parseListen(%q): exports %v, want %v", tc.in, a.exports, tc.exports)
+		}
+		if !tc.bad && a.exports != nil && (a.allows("zzz") || !a.allows(tc.exports[0])) {
+			t.Errorf("parseListen(%q): allows is wrong", tc.in)
+		}
+	}
 }

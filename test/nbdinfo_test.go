@@ -110,3 +110,57 @@ func exportNames(text string) []string {
 	}
 	return names
 }
+
+// TestListenerExportAllowlist: a listener given "?exports=A,B" lists and
+// opens only those exports (nbdinfo, qemu-io); the default listener still
+// serves every device; `ls` URIs name only listeners that serve the device.
+func TestListenerExportAllowlist(t *testing.T) {
+	testutil.NeedTool(t, "nbdinfo")
+	testutil.NeedTool(t, "qemu-io")
+	limited := filepath.Join(testutil.ShortDir(t), "tenant.sock")
+	d := harness.Serve(t, "--listen", "unix:"+limited+"?exports=a")
+	for _, name := range []string{"a", "b"} {
+		harness.MakeImage(t, filepath.Join(d.Dir, name+".img"), 8<<20)
+		cli(t, d, "create", name, "--table", "0 16384 linear ./"+name+".img 0")
+	}
+	list := func(sock string) []string {
+		var l nbdinfoJSON
+		if err := json.Unmarshal([]byte(run(t, "nbdinfo", "--list", "--json", "nbd+unix://?socket="+sock)), &l); err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, e := range l.Exports {
+			names = append(names, e["export-name"].(string))
+		}
+		slices.Sort(names)
+		return names
+	}
+	if got := list(limited); !slices.Equal(got, []string{"a"}) {
+		t.Errorf("limited listener lists %v, want [a]", got)
+	}
+	if got := list(d.NBD); !slices.Equal(got, []string{"a", "b"}) {
+		t.Errorf("default listener lists %v, want [a b]", got)
+	}
+	qemuIO(t, "nbd+unix:///a?socket="+limited, "write -P 7 0 4k")
+	if out, err := runErr("qemu-io", "-f", "raw", "-c", "read 0 4k", "nbd+unix:///b?socket="+limited); err == nil {
+		t.Errorf("export b opened on a listener that does not serve it:\n%s", out)
+	}
+	qemuIO(t, "nbd+unix:///b?socket="+d.NBD, "read 0 4k")
+	var devs []struct {
+		Name string   `json:"name"`
+		URIs []string `json:"uris"`
+	}
+	if err := json.Unmarshal([]byte(cli(t, d, "ls", "-o", "json")), &devs); err != nil {
+		t.Fatal(err)
+	}
+	uris := map[string][]string{}
+	for _, dev := range devs {
+		uris[dev.Name] = dev.URIs
+	}
+	if want := []string{"nbd+unix:///a?socket=" + d.NBD, "nbd+unix:///a?socket=" + limited}; !slices.Equal(uris["a"], want) {
+		t.Errorf("ls -o json: a at %v, want %v", uris["a"], want)
+	}
+	if want := []string{"nbd+unix:///b?socket=" + d.NBD}; !slices.Equal(uris["b"], want) {
+		t.Errorf("ls -o json: b at %v, want %v", uris["b"], want)
+	}
+}

@@ -103,7 +103,7 @@ verifies peers).`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringArrayVar(&listen, "listen", []string{daemon.DefaultListen}, "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable)")
+	f.StringArrayVar(&listen, "listen", []string{daemon.DefaultListen}, "NBD listen address, unix:PATH or tcp:HOST:PORT, optionally ?exports=A,B to serve only those exports there (repeatable)")
 	f.StringVar(&stateDir, "state", daemon.DefaultStateDir, "state directory: one file per device, restored on start")
 	f.StringVar(&metrics, "metrics", "", "serve Prometheus metrics on tcp:HOST:PORT at /metrics (default off)")
 	f.BoolVar(&pprof, "pprof", false, "also serve Go's profiler at /debug/pprof/ on the --metrics listener")
