@@ -378,8 +378,7 @@ func (s *Store) load(opts Options, fresh bool) error {
 			Source: opts.Source, SourceSize: opts.SourceSize, SourceID: opts.SourceID,
 			Destination: opts.Destination, Created: time.Now().UTC(),
 		}
-		b, _ := json.Marshal(s.sb)
-		if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+		if err := s.putSuperblock(); err != nil {
 			return fmt.Errorf("%w: formatting: %w", ErrNoWrite, err)
 		}
 		s.log.Info("metadata formatted", "dir", opts.Dir, "region_size", opts.RegionSize, "target_size", opts.TargetSize)
@@ -406,8 +405,7 @@ func (s *Store) load(opts Options, fresh bool) error {
 		}
 		if s.sb.Version < superblockVersion {
 			s.sb.Version = superblockVersion
-			b, _ := json.Marshal(s.sb)
-			if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+			if err := s.putSuperblock(); err != nil {
 				return fmt.Errorf("%w: upgrading the superblock: %w", ErrNoWrite, err)
 			}
 			s.log.Info("metadata format upgraded", "version", superblockVersion)
@@ -427,6 +425,15 @@ func (s *Store) load(opts Options, fresh bool) error {
 	return nil
 }
 
+// putSuperblock writes s.sb.
+func (s *Store) putSuperblock() error {
+	b, err := json.Marshal(s.sb)
+	if err != nil {
+		return err
+	}
+	return s.kv.Put([]Entry{{Key: keySuperblock, Value: b}})
+}
+
 // checkDestination refuses a store made for another destination: its bits
 // say which regions of that device hold clone data, and trusting them on
 // this one would serve whatever this device holds there. A store from
@@ -437,8 +444,7 @@ func (s *Store) checkDestination(opts Options) error {
 		return nil
 	case s.sb.Destination == "":
 		s.sb.Destination = opts.Destination
-		b, _ := json.Marshal(s.sb)
-		if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+		if err := s.putSuperblock(); err != nil {
 			return fmt.Errorf("%w: recording the destination: %w", ErrNoWrite, err)
 		}
 		return nil
@@ -459,8 +465,7 @@ func (s *Store) checkSourceID(opts Options) error {
 		return nil
 	case s.sb.SourceID == "":
 		s.sb.SourceID = opts.SourceID
-		b, _ := json.Marshal(s.sb)
-		if err := s.kv.Put([]Entry{{Key: keySuperblock, Value: b}}); err != nil {
+		if err := s.putSuperblock(); err != nil {
 			return fmt.Errorf("%w: recording the source identity: %w", ErrNoWrite, err)
 		}
 		s.log.Info("source identity pinned", "source_id", opts.SourceID)
