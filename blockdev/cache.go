@@ -3,7 +3,6 @@ package blockdev
 import (
 	"container/list"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -130,7 +129,7 @@ func (s *SharedSource) readAt(ctx context.Context, h *sourceHandle, p []byte, of
 		return 0, eof
 	}
 	if s.capacity == 0 {
-		got, err := readFrom(ctx, s.src, p[:n], off)
+		got, err := ReadFullAt(ctx, s.src, p[:n], off)
 		s.missBytes.Add(int64(got))
 		if err == nil {
 			err = eof
@@ -184,7 +183,7 @@ func (s *SharedSource) readAt(ctx context.Context, h *sourceHandle, p []byte, of
 		}
 		if b.err != nil {
 			// Another reader's fetch failed: try this piece directly.
-			got, err := readFrom(ctx, s.src, dst, lo)
+			got, err := ReadFullAt(ctx, s.src, dst, lo)
 			s.missBytes.Add(int64(got))
 			if err != nil {
 				return 0, err
@@ -217,12 +216,9 @@ func (s *SharedSource) fetch(ctx context.Context, run []*cacheBlock, size int64)
 	start := run[0].idx * CacheBlock
 	end := min(size, (run[len(run)-1].idx+1)*CacheBlock)
 	buf := make([]byte, end-start)
-	got, err := readFrom(ctx, s.src, buf, start)
+	got, err := ReadFullAt(ctx, s.src, buf, start)
 	s.fetches.Add(1)
 	s.missBytes.Add(int64(got))
-	if err == nil && int64(got) != end-start {
-		err = io.ErrUnexpectedEOF
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, b := range run {
@@ -260,26 +256,6 @@ func (s *SharedSource) evictLocked() {
 		s.used -= int64(len(b.data))
 		delete(s.blocks, b.idx)
 	}
-}
-
-// readFrom reads all of p at off from r, with ctx if r can abandon reads.
-func readFrom(ctx context.Context, r Reader, p []byte, off int64) (int, error) {
-	var (
-		n   int
-		err error
-	)
-	if cr, ok := r.(ContextReader); ok {
-		n, err = cr.ReadAtContext(ctx, p, off)
-	} else {
-		n, err = r.ReadAt(p, off)
-	}
-	if n == len(p) {
-		return n, nil
-	}
-	if err == nil || errors.Is(err, io.EOF) {
-		err = io.ErrUnexpectedEOF
-	}
-	return n, err
 }
 
 // sourceHandle is one user's view of a SharedSource.

@@ -2,6 +2,9 @@ package blockdev
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io"
 	"log/slog"
 	"strings"
 )
@@ -10,6 +13,24 @@ import (
 // remote sources. Callers with a context type-assert for it.
 type ContextReader interface {
 	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// ReadFullAt reads all of p at off from r, through ReadAtContext when r
+// can abandon reads. A short read is an error wrapping io.ErrUnexpectedEOF
+// (a source must cover what it is asked for); n says how much arrived.
+func ReadFullAt(ctx context.Context, r io.ReaderAt, p []byte, off int64) (n int, err error) {
+	if cr, ok := r.(ContextReader); ok {
+		n, err = cr.ReadAtContext(ctx, p, off)
+	} else {
+		n, err = r.ReadAt(p, off)
+	}
+	if n == len(p) {
+		return n, nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = fmt.Errorf("short read: %d of %d bytes: %w", n, len(p), io.ErrUnexpectedEOF)
+	}
+	return n, err
 }
 
 // Identifier is implemented by sources that can name the exact version of

@@ -2,7 +2,6 @@ package hydrate
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -208,7 +207,7 @@ func (c *Copier) copyParallel(ctx context.Context, off, n int64) error {
 
 func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64) error {
 	start := time.Now()
-	err := readFull(ctx, c.src, buf, off)
+	_, err := blockdev.ReadFullAt(ctx, c.src, buf, off)
 	if c.observeRead != nil {
 		c.observeRead(time.Since(start))
 	}
@@ -239,22 +238,3 @@ func (c *Copier) HoleBytes() int64 { return c.holeBytes.Load() }
 
 // Errors is the number of failed copies.
 func (c *Copier) Errors() uint64 { return c.errors.Load() }
-
-// readFull reads len(p) bytes at off; a short read is an error (a source
-// must cover the target). Sources that can abandon a read get ctx.
-func readFull(ctx context.Context, r io.ReaderAt, p []byte, off int64) error {
-	var n int
-	var err error
-	if cr, ok := r.(blockdev.ContextReader); ok {
-		n, err = cr.ReadAtContext(ctx, p, off)
-	} else {
-		n, err = r.ReadAt(p, off)
-	}
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || errors.Is(err, io.EOF) {
-		return fmt.Errorf("short read: %d of %d bytes: %w", n, len(p), io.ErrUnexpectedEOF)
-	}
-	return err
-}

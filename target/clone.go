@@ -411,22 +411,13 @@ func (c *clone) ReadAt(ctx context.Context, p []byte, off int64) error {
 	})
 }
 
-// readFull reads all of p; a source that can abandon a read gets ctx.
+// readFull reads all of p from a device of the clone; any failure is EIO
+// to the client.
 func readFull(ctx context.Context, r io.ReaderAt, p []byte, off int64, what string) error {
-	var n int
-	var err error
-	if cr, ok := r.(blockdev.ContextReader); ok {
-		n, err = cr.ReadAtContext(ctx, p, off)
-	} else {
-		n, err = r.ReadAt(p, off)
+	if _, err := blockdev.ReadFullAt(ctx, r, p, off); err != nil {
+		return fmt.Errorf("target: read %s at %d+%d: %w: %w", what, off, len(p), err, ErrIO)
 	}
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || errors.Is(err, io.EOF) {
-		err = io.ErrUnexpectedEOF
-	}
-	return fmt.Errorf("target: read %s at %d+%d: %w: %w", what, off, len(p), err, ErrIO)
+	return nil
 }
 
 func (c *clone) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
