@@ -280,11 +280,7 @@ func TestCloneFamilyRestart(t *testing.T) {
 			d.Kill()
 		}
 		d.Start()
-		var devs []daemon.Device
-		if err := json.Unmarshal([]byte(cli(t, d, "ls", "-o", "json")), &devs); err != nil {
-			t.Fatal(err)
-		}
-		for _, dev := range devs {
+		for _, dev := range lsDevices(t, d) {
 			if dev.State != daemon.StateActive {
 				t.Fatalf("after %s and start: %s is %s (%s)", restart, dev.Name, dev.State, dev.Error)
 			}

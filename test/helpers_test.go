@@ -183,20 +183,32 @@ func cloneInfo(t testing.TB, d *harness.Daemon, name string) target.CloneInfo {
 	return *st.Info.Clone
 }
 
-// connections is the number of NBD connections `nbdclone ls` counts.
-func connections(t testing.TB, d *harness.Daemon, name string) int {
+// lsDevices is what `nbdclone ls -o json` prints.
+func lsDevices(t testing.TB, d *harness.Daemon) []daemon.Device {
 	t.Helper()
 	var devs []daemon.Device
 	if err := json.Unmarshal([]byte(cli(t, d, "ls", "-o", "json")), &devs); err != nil {
 		t.Fatal(err)
 	}
-	for _, dev := range devs {
+	return devs
+}
+
+// lsDevice is one device of `nbdclone ls -o json`.
+func lsDevice(t testing.TB, d *harness.Daemon, name string) daemon.Device {
+	t.Helper()
+	for _, dev := range lsDevices(t, d) {
 		if dev.Name == name {
-			return dev.Connections
+			return dev
 		}
 	}
 	t.Fatalf("ls: no device %s", name)
-	return 0
+	return daemon.Device{}
+}
+
+// connections is the number of NBD connections `nbdclone ls` counts.
+func connections(t testing.TB, d *harness.Daemon, name string) int {
+	t.Helper()
+	return lsDevice(t, d, name).Connections
 }
 
 // statusRE is dm-clone's status line as `dmsetup status` prints it.

@@ -233,15 +233,5 @@ func TestDeviceLife(t *testing.T) {
 // lsState is the state `nbdclone ls` shows for a device.
 func lsState(t testing.TB, d *harness.Daemon, name string) string {
 	t.Helper()
-	var devs []daemon.Device
-	if err := json.Unmarshal([]byte(cli(t, d, "ls", "-o", "json")), &devs); err != nil {
-		t.Fatal(err)
-	}
-	for _, dev := range devs {
-		if dev.Name == name {
-			return dev.State
-		}
-	}
-	t.Fatalf("ls: no device %s", name)
-	return ""
+	return lsDevice(t, d, name).State
 }

@@ -19,7 +19,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdclone/nbdclone/daemon"
 	"github.com/nbdclone/nbdclone/internal/harness"
 	"github.com/nbdclone/nbdclone/internal/testutil"
 )
@@ -160,10 +159,7 @@ func TestProtoTLSRequired(t *testing.T) {
 		t.Errorf("nbdinfo --list without TLS: %v\n%s", err, out)
 	}
 
-	var devs []daemon.Device
-	if err := json.Unmarshal([]byte(cli(t, d, "ls", "-o", "json")), &devs); err != nil {
-		t.Fatal(err)
-	}
+	devs := lsDevices(t, d)
 	if len(devs) != 1 || len(devs[0].URIs) != 1 || !strings.HasPrefix(devs[0].URIs[0], "nbds+unix:///c?socket=") {
 		t.Errorf("ls URIs: %+v", devs)
 	}
