@@ -70,21 +70,8 @@ func buildSparseClone(t *testing.T) *clone {
 	src, dst := filepath.Join(dir, "src.img"), filepath.Join(dir, "dst.img")
 	sparseImage(t, src, extSize, [2]int64{0, 2 * extRegion}, [2]int64{8 * extRegion, extRegion})
 	sparseImage(t, dst, extSize)
-	tb, err := ParseTable(fmt.Sprintf("0 %d clone %s %s %s %d 1 no_hydration",
-		extSize/SectorSize, filepath.Join(dir, "md"), dst, src, extRegion/SectorSize))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tg, err := Build(context.Background(), tb, Env{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := tg.(*clone)
-	t.Cleanup(func() { c.Close() })
-	if err := c.Resume(); err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return startClone(t, fmt.Sprintf("0 %d clone %s %s %s %d 1 no_hydration",
+		extSize/SectorSize, filepath.Join(dir, "md"), dst, src, extRegion/SectorSize), Env{})
 }
 
 func TestCloneExtents(t *testing.T) {

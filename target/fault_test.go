@@ -371,17 +371,9 @@ func (s scanBreaker) Scan(prefix []byte, fn func(k, v []byte) error) error {
 func TestTruncatedSourceIsNotZeroes(t *testing.T) {
 	const rs = 4096
 	f := newFixture(t, 32*rs, 31)
-	tb, err := ParseTable(f.line(8, "1 no_hydration"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	// The default source opener: a file with SEEK_DATA mapping.
-	tg, err := Build(bg, tb, Env{Sweep: SweepTuning{Backoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tg.Close()
-	tg.Resume()
+	c := startClone(t, f.line(8, "1 no_hydration"), Env{Sweep: SweepTuning{Backoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond}})
+	var tg Target = c
 	const keep = 16 * rs
 	if err := os.Truncate(f.src, keep); err != nil {
 		t.Fatal(err)
@@ -396,7 +388,6 @@ func TestTruncatedSourceIsNotZeroes(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	c := tg.(*clone)
 	for r := uint64(0); r < 32; r++ {
 		if want := r < keep/rs; c.md.IsHydrated(r) != want {
 			t.Errorf("region %d hydrated=%v, want %v", r, !want, want)
@@ -418,13 +409,7 @@ func TestTruncatedSourceIsNotZeroes(t *testing.T) {
 func TestFailedDestinationSyncIsSticky(t *testing.T) {
 	f := newFixture(t, 16*4096, 43)
 	plan := faultdev.NewPlan(-1)
-	tb, _ := ParseTable(f.line(8, "1 no_hydration"))
-	tg, err := Build(bg, tb, faultEnv(f, plan))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tg.Close()
-	tg.Resume()
+	tg := startClone(t, f.line(8, "1 no_hydration"), faultEnv(f, plan))
 	ctx := context.Background()
 	if err := tg.WriteAt(ctx, fill(4096, 1), 0, true); err != nil {
 		t.Fatal(err)

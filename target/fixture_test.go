@@ -81,11 +81,18 @@ func (f *fixture) env() Env {
 // build constructs and resumes a clone; it is closed at cleanup.
 func (f *fixture) build(t testing.TB, regionSectors int, extra string) *clone {
 	t.Helper()
-	tb, err := ParseTable(f.line(regionSectors, extra))
+	return startClone(t, f.line(regionSectors, extra), f.env())
+}
+
+// startClone builds the clone of a table line and resumes it; it is closed
+// at cleanup.
+func startClone(t testing.TB, line string, env Env) *clone {
+	t.Helper()
+	tb, err := ParseTable(line)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tg, err := Build(context.Background(), tb, f.env())
+	tg, err := Build(context.Background(), tb, env)
 	if err != nil {
 		t.Fatal(err)
 	}

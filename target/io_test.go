@@ -409,18 +409,9 @@ func TestDiscardDuringCopyCannotLoseWrite(t *testing.T) {
 func TestQueueDepthOneReadsHoldHydrationBack(t *testing.T) {
 	f := newFixture(t, 256*4096, 24)
 	// Reads are not hints here: hinted copies are not held back.
-	tb, err := ParseTable(f.line(8, "2 no_hydration no_read_hints"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	env := f.env()
 	env.Sweep.BusyInterval = time.Hour // while busy: one batch, then none
-	tg, err := Build(bg, tb, env)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tg.Close()
-	tg.Resume()
+	tg := startClone(t, f.line(8, "2 no_hydration no_read_hints"), env)
 	stop := make(chan struct{})
 	done := make(chan int)
 	go func() {

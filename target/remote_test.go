@@ -38,10 +38,6 @@ func (r remoteReader) Map(off, n int64) ([]blockdev.Extent, error) {
 // buildWith constructs and resumes a clone over the source open returns.
 func (f *fixture) buildWith(t *testing.T, extra string, env Env, open func(blockdev.Reader) blockdev.Reader) *clone {
 	t.Helper()
-	tb, err := ParseTable(f.line(8, extra))
-	if err != nil {
-		t.Fatal(err)
-	}
 	env.OpenSource = func(_ context.Context, spec string) (blockdev.Reader, error) {
 		r, err := blockdev.OpenFileReadOnly(spec)
 		if err != nil {
@@ -49,16 +45,7 @@ func (f *fixture) buildWith(t *testing.T, extra string, env Env, open func(block
 		}
 		return open(countingReader{r, &f.sourceReads}), nil
 	}
-	tg, err := Build(bg, tb, env)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := tg.(*clone)
-	t.Cleanup(func() { c.Close() })
-	if err := c.Resume(); err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return startClone(t, f.line(8, extra), env)
 }
 
 func waitCond(t *testing.T, what string, cond func() bool) {
