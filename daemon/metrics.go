@@ -125,7 +125,7 @@ func metricFamilies() []metric {
 			prometheus.GaugeValue, func(c *target.CloneInfo) float64 { return boolFloat(c.HydrationEnabled) }),
 		cloneMetric("nbdclone_hydration_throttled", "1 while the hydration_rate limit holds the next background batch back, else 0.",
 			prometheus.GaugeValue, func(c *target.CloneInfo) float64 { return boolFloat(c.Throttled) }),
-		cloneMetric("nbdclone_hydration_busy_paused", "1 while user I/O in flight holds background hydration back (one batch per second at most), else 0.",
+		cloneMetric("nbdclone_hydration_busy_paused", "1 while user I/O (in flight or in the last 20 ms) holds background hydration back (one batch per second at most), else 0.",
 			prometheus.GaugeValue, func(c *target.CloneInfo) float64 { return boolFloat(c.BusyPaused) }),
 		cloneMetric("nbdclone_hydration_backing_off", "1 while background hydration waits to retry after copy errors, else 0.",
 			prometheus.GaugeValue, func(c *target.CloneInfo) float64 { return boolFloat(c.BackingOff) }),
