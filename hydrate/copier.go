@@ -28,6 +28,10 @@ type CopierOptions struct {
 	// ObserveRead, if set, is told how long each source read took (for
 	// a latency histogram; it must not block).
 	ObserveRead func(time.Duration)
+	// EvictBehind is how many copied bytes may stay in the destination's
+	// page cache before the oldest are waited for and dropped (see
+	// writeback); 0 means DefaultEvictBehind, negative keeps them cached.
+	EvictBehind int64
 }
 
 // zeroer is the destination's efficient zeroing (blockdev.Device has it).
@@ -51,8 +55,16 @@ type Copier struct {
 	slots chan struct{}
 	// fd is the destination's descriptor for writeback hints; -1 if none.
 	fd int
+	// writer, for a regular file destination, lets one write in at a time:
+	// the kernel serialises a file's buffered writes on its inode lock, and
+	// more writers only spin on that lock (a whole CPU on a small machine)
+	// and switch threads. nil: writes are not limited (block devices).
+	writer chan struct{}
 	// observeRead times source reads; nil when nobody asked.
 	observeRead func(time.Duration)
+	// wb drops copied chunks from the destination's page cache once
+	// written back; nil when the destination has no descriptor.
+	wb *writeback
 
 	copiedBytes atomic.Int64
 	holeBytes   atomic.Int64
@@ -68,6 +80,15 @@ func NewCopier(src io.ReaderAt, dst io.WriterAt, opts CopierOptions) *Copier {
 	c := &Copier{src: src, dst: dst, chunk: chunk, fd: -1, observeRead: opts.ObserveRead}
 	if f, ok := dst.(interface{ Fd() uintptr }); ok {
 		c.fd = int(f.Fd())
+		var st unix.Stat_t
+		if unix.Fstat(c.fd, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
+			c.writer = make(chan struct{}, 1)
+		}
+		behind := opts.EvictBehind
+		if behind == 0 {
+			behind = DefaultEvictBehind
+		}
+		c.wb = newWriteback(c.fd, behind)
 	}
 	c.pool.New = func() any { b := make([]byte, chunk); return &b }
 	if z, ok := dst.(zeroer); ok {
@@ -214,7 +235,7 @@ func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64) error {
 	if err != nil {
 		return fmt.Errorf("hydrate: read source at %d+%d: %w", off, len(buf), err)
 	}
-	if _, err := c.dst.WriteAt(buf, off); err != nil {
+	if err := c.write(buf, off); err != nil {
 		return fmt.Errorf("hydrate: write destination at %d+%d: %w", off, len(buf), err)
 	}
 	if c.fd >= 0 {
@@ -224,8 +245,30 @@ func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64) error {
 		// at that fdatasync.
 		unix.SyncFileRange(c.fd, off, int64(len(buf)), unix.SYNC_FILE_RANGE_WRITE)
 	}
+	if c.wb != nil {
+		c.wb.drop(c.wb.written(off, int64(len(buf))))
+	}
 	c.copiedBytes.Add(int64(len(buf)))
 	return nil
+}
+
+// write writes buf at off, one writer at a time where that is what the
+// destination does anyway.
+func (c *Copier) write(buf []byte, off int64) error {
+	if c.writer != nil {
+		c.writer <- struct{}{}
+		defer func() { <-c.writer }()
+	}
+	_, err := c.dst.WriteAt(buf, off)
+	return err
+}
+
+// Close releases the copier's own descriptor of the destination. Copies
+// must have ended.
+func (c *Copier) Close() {
+	if c.wb != nil {
+		c.wb.close()
+	}
 }
 
 // CopiedBytes is the number of bytes read from the source and written so

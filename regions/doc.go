@@ -9,7 +9,10 @@
 //     when a bit actually flips (Set on a clear bit, Clear on a set bit).
 //   - Bits beyond the last region are never set, so word scans need no
 //     masking.
-//   - A region lock has at most one holder; waiters are served in turn and a
-//     lock entry exists only while held or waited on (memory is bounded by
-//     concurrency, not by device size).
+//   - A region lock has at most one holder. Locks are kept per block of 64
+//     aligned regions (a mask), so a run is taken or released with one map
+//     operation per block; an unlock wakes the block's waiters, who retry,
+//     and a region somebody waits for is not taken by TryLock/TryLockRun. A
+//     block's entry exists only while one of its regions is held or waited
+//     on (memory is bounded by concurrency, not by device size).
 package regions

@@ -659,12 +659,6 @@ func (c *clone) skipRegions(ctx context.Context, first, count uint64) error {
 	return c.locks.WaitRange(ctx, first, first+count)
 }
 
-func (c *clone) unlockRun(r, n uint64) {
-	for i := range n {
-		c.locks.Unlock(r + i)
-	}
-}
-
 // Flush: a FLUSH commits metadata when it changed in this transaction
 // (commit = destination sync, then the metadata write); otherwise it syncs
 // the destination. Concurrent flushes share one commit.
@@ -779,12 +773,8 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 			break // a hint: nothing to record
 		}
 		count := uint64(1)
-		for count < c.cacheBatch && r+count <= last && !c.md.IsHydrated(r+count) && c.locks.TryLock(r+count) {
-			if c.md.IsHydrated(r + count) {
-				c.locks.Unlock(r + count)
-				break
-			}
-			count++
+		if r < last && c.cacheBatch > 1 {
+			count += c.lockUnhydratedRun(r+1, min(c.cacheBatch-1, last-r))
 		}
 		acquired := false
 		select {
@@ -797,7 +787,7 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 		stop = firstErr != nil
 		mu.Unlock()
 		if stop {
-			c.unlockRun(r, count)
+			c.locks.UnlockRun(r, count)
 			if acquired {
 				<-slots
 			}
@@ -809,7 +799,7 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 			defer func() { <-slots }()
 			err := c.copyRegions(ctx, start, count)
 			c.onDemand.Add(-int64(count))
-			c.unlockRun(start, count)
+			c.locks.UnlockRun(start, count)
 			if err != nil {
 				failed(err)
 				return
@@ -829,28 +819,38 @@ func (c *clone) NrRegions() uint64 { return c.geom.NrRegions() }
 func (c *clone) Claim(from, limit, maxCount uint64) (uint64, uint64) {
 	n := c.geom.NrRegions()
 	for r := c.md.NextUnhydrated(from); r < min(n, limit); r = c.md.NextUnhydrated(r + 1) {
-		if !c.locks.TryLock(r) {
-			continue
+		if count := c.lockUnhydratedRun(r, min(maxCount, n-r)); count > 0 {
+			return r, count
 		}
-		if c.md.IsHydrated(r) {
-			c.locks.Unlock(r)
-			continue
-		}
-		count := uint64(1)
-		for count < maxCount && r+count < n && !c.md.IsHydrated(r+count) && c.locks.TryLock(r+count) {
-			if c.md.IsHydrated(r + count) {
-				c.locks.Unlock(r + count)
-				break
-			}
-			count++
-		}
-		return r, count
 	}
 	return 0, 0
 }
 
+// lockUnhydratedRun locks the unhydrated regions r, r+1, … (at most max)
+// that nobody holds or waits for, and returns how many it locked: 0 when
+// region r is hydrated or taken. The run is locked in one call (a map
+// operation per 64 regions) and checked again once locked: a region may
+// have been hydrated by its holder before.
+func (c *clone) lockUnhydratedRun(r, max uint64) uint64 {
+	run := uint64(0)
+	for run < max && !c.md.IsHydrated(r+run) {
+		run++
+	}
+	if run == 0 {
+		return 0
+	}
+	got := c.locks.TryLockRun(r, run)
+	for i := range got {
+		if c.md.IsHydrated(r + i) {
+			c.locks.UnlockRun(r+i, got-i)
+			return i
+		}
+	}
+	return got
+}
+
 func (c *clone) Hydrate(ctx context.Context, start, count uint64, cause hydrate.Cause) error {
-	defer c.unlockRun(start, count)
+	defer c.locks.UnlockRun(start, count)
 	if err := c.copyRegions(ctx, start, count); err != nil {
 		return err
 	}
@@ -1146,6 +1146,7 @@ func (c *clone) Close() error {
 				errs = append(errs, err)
 			}
 		}
+		c.copier.Close()
 		errs = append(errs, c.md.Close(), c.dst.Close(), c.src.Close())
 		c.closeErr = errors.Join(errs...)
 	})

@@ -329,11 +329,16 @@ func TestReopenResumesHydration(t *testing.T) {
 	c.Trim(bg, 8*4096, 8*4096)
 	c.Suspend(bg)
 	c.Close()
-	c2 := f.build(t, 8, "0 2 hydration_threshold 16")
+	// Reopened without hydration first: the count is read before the
+	// sweep may start.
+	c2 := f.build(t, 8, "1 no_hydration 2 hydration_threshold 16")
 	if c2.md.Hydrated() != 9 {
 		t.Fatalf("after reopen hydrated = %d, want 9", c2.md.Hydrated())
 	}
 	before := f.sourceReads.Load()
+	if err := c2.Message(bg, []string{"enable_hydration"}); err != nil {
+		t.Fatal(err)
+	}
 	waitHydrated(t, c2, 30*time.Second)
 	if got := f.sourceReads.Load() - before; got != 55*4096 {
 		t.Fatalf("reopened hydration copied %d bytes, want only the 55 missing regions", got)
