@@ -141,7 +141,7 @@ func (l *Locks) TryLockRun(r, max uint64) uint64 {
 		busy := (e.held | e.waited) & mask
 		if busy != 0 {
 			// Only the free prefix of the run.
-			want = uint64(bits.TrailingZeros64(busy>>off)) // regions before the first busy one
+			want = uint64(bits.TrailingZeros64(busy >> off)) // regions before the first busy one
 			mask = runMask(off, want)
 		}
 		e.held |= mask
