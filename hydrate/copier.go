@@ -104,9 +104,18 @@ func NewCopier(src io.ReaderAt, dst io.WriterAt, opts CopierOptions) *Copier {
 
 // Copy copies [off, off+n). ctx is checked between chunks: a chunk that
 // has started finishes. Nothing partial is reported as success: any
-// failure fails the whole copy.
-func (c *Copier) Copy(ctx context.Context, off, n int64) error {
-	err := c.copyMapped(ctx, off, n)
+// failure fails the whole copy. The chunks leave the destination's page
+// cache once written back (see writeback): background hydration.
+func (c *Copier) Copy(ctx context.Context, off, n int64) error { return c.copy(ctx, off, n, true) }
+
+// CopyCached is Copy for data about to be used (NBD_CMD_CACHE, the copy
+// before a partial write): the chunks stay in the page cache.
+func (c *Copier) CopyCached(ctx context.Context, off, n int64) error {
+	return c.copy(ctx, off, n, false)
+}
+
+func (c *Copier) copy(ctx context.Context, off, n int64, evict bool) error {
+	err := c.copyMapped(ctx, off, n, evict)
 	if err != nil {
 		c.errors.Add(1)
 	}
@@ -115,9 +124,9 @@ func (c *Copier) Copy(ctx context.Context, off, n int64) error {
 
 // copyMapped zeroes the source's zero extents and copies the rest. A
 // source that cannot map the range (or fails to) is copied as data.
-func (c *Copier) copyMapped(ctx context.Context, off, n int64) error {
+func (c *Copier) copyMapped(ctx context.Context, off, n int64, evict bool) error {
 	if c.mapr == nil {
-		return c.copyData(ctx, off, n)
+		return c.copyData(ctx, off, n, evict)
 	}
 	for n > 0 {
 		if err := ctx.Err(); err != nil {
@@ -125,19 +134,19 @@ func (c *Copier) copyMapped(ctx context.Context, off, n int64) error {
 		}
 		exts, err := c.mapr.Map(off, n)
 		if err != nil || len(exts) == 0 {
-			return c.copyData(ctx, off, n)
+			return c.copyData(ctx, off, n, evict)
 		}
 		for _, e := range exts {
 			k := min(e.Length, n)
 			if k <= 0 {
-				return c.copyData(ctx, off, n)
+				return c.copyData(ctx, off, n, evict)
 			}
 			if e.Zero {
 				if err := c.zero.WriteZeroes(off, k); err != nil {
 					return fmt.Errorf("hydrate: zero destination at %d+%d: %w", off, k, err)
 				}
 				c.holeBytes.Add(k)
-			} else if err := c.copyData(ctx, off, k); err != nil {
+			} else if err := c.copyData(ctx, off, k, evict); err != nil {
 				return err
 			}
 			off += k
@@ -150,10 +159,10 @@ func (c *Copier) copyMapped(ctx context.Context, off, n int64) error {
 	return nil
 }
 
-func (c *Copier) copyData(ctx context.Context, off, n int64) error {
+func (c *Copier) copyData(ctx context.Context, off, n int64, evict bool) error {
 	switch {
 	case c.slots == nil:
-		return c.copySerial(ctx, off, n)
+		return c.copySerial(ctx, off, n, evict)
 	case n <= int64(c.chunk):
 		select {
 		case c.slots <- struct{}{}:
@@ -161,13 +170,13 @@ func (c *Copier) copyData(ctx context.Context, off, n int64) error {
 			return ctx.Err()
 		}
 		defer func() { <-c.slots }()
-		return c.copySerial(ctx, off, n)
+		return c.copySerial(ctx, off, n, evict)
 	default:
-		return c.copyParallel(ctx, off, n)
+		return c.copyParallel(ctx, off, n, evict)
 	}
 }
 
-func (c *Copier) copySerial(ctx context.Context, off, n int64) error {
+func (c *Copier) copySerial(ctx context.Context, off, n int64, evict bool) error {
 	bp := c.pool.Get().(*[]byte)
 	defer c.pool.Put(bp)
 	buf := *bp
@@ -176,7 +185,7 @@ func (c *Copier) copySerial(ctx context.Context, off, n int64) error {
 			return err
 		}
 		k := min(n, int64(len(buf)))
-		if err := c.copyChunk(ctx, buf[:k], off); err != nil {
+		if err := c.copyChunk(ctx, buf[:k], off, evict); err != nil {
 			return err
 		}
 		off += k
@@ -187,7 +196,7 @@ func (c *Copier) copySerial(ctx context.Context, off, n int64) error {
 
 // copyParallel keeps several chunks of one copy in flight, within the
 // copier-wide budget of slots.
-func (c *Copier) copyParallel(ctx context.Context, off, n int64) error {
+func (c *Copier) copyParallel(ctx context.Context, off, n int64, evict bool) error {
 	var (
 		wg    sync.WaitGroup
 		mu    sync.Mutex
@@ -211,7 +220,7 @@ func (c *Copier) copyParallel(ctx context.Context, off, n int64) error {
 			defer func() { <-c.slots }()
 			bp := c.pool.Get().(*[]byte)
 			defer c.pool.Put(bp)
-			if err := c.copyChunk(ctx, (*bp)[:k], at); err != nil {
+			if err := c.copyChunk(ctx, (*bp)[:k], at, evict); err != nil {
 				mu.Lock()
 				if first == nil {
 					first = err
@@ -226,7 +235,7 @@ func (c *Copier) copyParallel(ctx context.Context, off, n int64) error {
 	return first
 }
 
-func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64) error {
+func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64, evict bool) error {
 	start := time.Now()
 	_, err := blockdev.ReadFullAt(ctx, c.src, buf, off)
 	if c.observeRead != nil {
@@ -245,7 +254,7 @@ func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64) error {
 		// at that fdatasync.
 		unix.SyncFileRange(c.fd, off, int64(len(buf)), unix.SYNC_FILE_RANGE_WRITE)
 	}
-	if c.wb != nil {
+	if c.wb != nil && evict {
 		c.wb.drop(c.wb.written(off, int64(len(buf))))
 	}
 	c.copiedBytes.Add(int64(len(buf)))

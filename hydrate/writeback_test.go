@@ -41,9 +41,9 @@ func residentBytes(t *testing.T, path string, size int64) int64 {
 }
 
 // copyToFile copies size random bytes into a new file of dir through a
-// Copier with evictBehind (and chunks of 1 MiB, four copies at once) and
-// returns the file's path and the data.
-func copyToFile(t *testing.T, dir string, size, evictBehind int64) (string, []byte) {
+// Copier with evictBehind (and chunks of 1 MiB, four copies at once), with
+// CopyCached if cached, and returns the file's path and the data.
+func copyToFile(t *testing.T, dir string, size, evictBehind int64, cached bool) (string, []byte) {
 	t.Helper()
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
@@ -68,11 +68,15 @@ func copyToFile(t *testing.T, dir string, size, evictBehind int64) (string, []by
 	}
 	c := NewCopier(bytes.NewReader(data), f, CopierOptions{Chunk: 1 << 20, EvictBehind: evictBehind})
 	defer c.Close()
+	run := c.Copy
+	if cached {
+		run = c.CopyCached
+	}
 	var wg sync.WaitGroup
 	part := size / 4
 	for i := range int64(4) {
 		wg.Go(func() {
-			if err := c.Copy(context.Background(), i*part, part); err != nil {
+			if err := run(context.Background(), i*part, part); err != nil {
 				t.Error(err)
 			}
 		})
@@ -83,7 +87,7 @@ func copyToFile(t *testing.T, dir string, size, evictBehind int64) (string, []by
 
 func TestCopierDropsWrittenBackChunks(t *testing.T) {
 	const size = 64 << 20
-	path, data := copyToFile(t, t.TempDir(), size, 8<<20)
+	path, data := copyToFile(t, t.TempDir(), size, 8<<20, false)
 	if got := residentBytes(t, path, size); got > 16<<20 {
 		t.Fatalf("%d MiB of the copy left in the page cache, want ≤ 16 (8 MiB behind + chunks in flight)", got>>20)
 	}
@@ -96,11 +100,18 @@ func TestCopierDropsWrittenBackChunks(t *testing.T) {
 	}
 }
 
-// The measure itself: without eviction the copy stays cached.
+// CopyCached (NBD_CMD_CACHE) keeps what it copied cached; so does a copier
+// with eviction off (which also shows the measure itself works).
 func TestCopierKeepsChunksCachedWhenAsked(t *testing.T) {
 	const size = 64 << 20
-	path, _ := copyToFile(t, t.TempDir(), size, -1)
-	if got := residentBytes(t, path, size); got < 48<<20 {
-		t.Fatalf("only %d MiB of a 64 MiB copy cached with eviction off: the page cache measure is wrong", got>>20)
+	for _, tc := range []struct {
+		name   string
+		behind int64
+		cached bool
+	}{{"CopyCached", 8 << 20, true}, {"eviction off", -1, false}} {
+		path, _ := copyToFile(t, t.TempDir(), size, tc.behind, tc.cached)
+		if got := residentBytes(t, path, size); got < 48<<20 {
+			t.Fatalf("%s: only %d MiB of a 64 MiB copy cached", tc.name, got>>20)
+		}
 	}
 }

@@ -228,6 +228,9 @@ echo "bench: S1 serving a hydrated clone" >&2
 rm -rf "$OUT/md"; rm -f "$OUT/dst.img"; truncate -s "${SIZE_MB}M" "$OUT/dst.img"
 "$BIN" create h --table "0 $SECTORS clone $OUT/md $OUT/dst.img $OUT/src.img $REGION 0 4 $TUNING"
 "$BIN" wait h
+# Hydration leaves what it copied out of the page cache (as nbdcopy and
+# kcopyd do); every competitor starts from the same cached image.
+cat "$OUT/dst.img" >/dev/null
 nbdkit -U "$OUT/kit.sock" -P "$OUT/kit.pid" file "$OUT/dst.img"
 qemu-nbd -f raw -k "$OUT/qemu.sock" -t "$OUT/dst.img" &
 PIDS+=($!)

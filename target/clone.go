@@ -477,7 +477,7 @@ func (c *clone) writeRegion(ctx context.Context, r uint64, p []byte, off int64) 
 		}
 		return err
 	}
-	if err := c.copyRegions(ctx, r, 1); err != nil {
+	if err := c.copyRegions(ctx, r, 1, true); err != nil {
 		c.locks.Unlock(r)
 		return err
 	}
@@ -494,9 +494,16 @@ func (c *clone) writeDest(p []byte, off int64) error {
 }
 
 // copyRegions copies locked regions [r, r+n) from the source and marks them
-// hydrated. Nothing is marked if the copy fails.
-func (c *clone) copyRegions(ctx context.Context, r, n uint64) error {
-	if err := c.copier.Copy(ctx, c.geom.Start(r), c.geom.RangeLen(r, n)); err != nil {
+// hydrated. Nothing is marked if the copy fails. cached keeps the copy in
+// the destination's page cache (data about to be used: NBD_CMD_CACHE, a
+// copy before a partial write); background copies leave it once written
+// back.
+func (c *clone) copyRegions(ctx context.Context, r, n uint64, cached bool) error {
+	run := c.copier.Copy
+	if cached {
+		run = c.copier.CopyCached
+	}
+	if err := run(ctx, c.geom.Start(r), c.geom.RangeLen(r, n)); err != nil {
 		c.log.Warn("hydration failed", "regions", fmt.Sprintf("%d+%d", r, n), "err", err)
 		return fmt.Errorf("target: hydrating regions %d+%d: %w: %w", r, n, err, ErrIO)
 	}
@@ -584,7 +591,7 @@ func (c *clone) zeroPartial(ctx context.Context, r uint64, off, n int64) error {
 			return fmt.Errorf("target: zeroing unhydrated region %d in %s mode: %w", r, c.md.Mode(), ErrIO)
 		}
 		c.onDemand.Add(1)
-		err := c.copyRegions(ctx, r, 1)
+		err := c.copyRegions(ctx, r, 1, true)
 		c.onDemand.Add(-1)
 		if err != nil {
 			c.locks.Unlock(r)
@@ -797,7 +804,7 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 		start := r
 		wg.Go(func() {
 			defer func() { <-slots }()
-			err := c.copyRegions(ctx, start, count)
+			err := c.copyRegions(ctx, start, count, true)
 			c.onDemand.Add(-int64(count))
 			c.locks.UnlockRun(start, count)
 			if err != nil {
@@ -851,7 +858,7 @@ func (c *clone) lockUnhydratedRun(r, max uint64) uint64 {
 
 func (c *clone) Hydrate(ctx context.Context, start, count uint64, cause hydrate.Cause) error {
 	defer c.locks.UnlockRun(start, count)
-	if err := c.copyRegions(ctx, start, count); err != nil {
+	if err := c.copyRegions(ctx, start, count, false); err != nil {
 		return err
 	}
 	if cause == hydrate.CauseHint {
