@@ -575,6 +575,26 @@ func (s *Store) NextHydrated(r uint64) uint64 {
 	return b.NextSet(r)
 }
 
+// NextUnhydratedBefore returns the first unhydrated region in [r, end), or
+// end (at most NrRegions()) if there is none; it looks only at that range.
+func (s *Store) NextUnhydratedBefore(r, end uint64) uint64 {
+	b := s.bitmap.Load()
+	if b == nil {
+		return min(end, s.nrRegions)
+	}
+	return b.NextClearBefore(r, end)
+}
+
+// NextHydratedBefore returns the first hydrated region in [r, end), or end
+// (at most NrRegions()); it looks only at that range.
+func (s *Store) NextHydratedBefore(r, end uint64) uint64 {
+	b := s.bitmap.Load()
+	if b == nil {
+		return min(r, end, s.nrRegions)
+	}
+	return b.NextSetBefore(r, end)
+}
+
 // Hydrated is the number of hydrated regions (in core).
 func (s *Store) Hydrated() uint64 {
 	b := s.bitmap.Load()

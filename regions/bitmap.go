@@ -86,41 +86,38 @@ func (b *Bitmap) AllSet(i, n uint64) bool {
 }
 
 // NextClear returns the first clear bit at or after i, or Len() if none.
-func (b *Bitmap) NextClear(i uint64) uint64 {
-	if i >= b.n {
-		return b.n
-	}
-	w := i / 64
-	word := ^b.words[w].Load() &^ ((1 << (i % 64)) - 1)
-	for {
-		if word != 0 {
-			r := w*64 + uint64(bits.TrailingZeros64(word))
-			return min(r, b.n)
-		}
-		w++
-		if w >= uint64(len(b.words)) {
-			return b.n
-		}
-		word = ^b.words[w].Load()
-	}
-}
+func (b *Bitmap) NextClear(i uint64) uint64 { return b.NextClearBefore(i, b.n) }
 
 // NextSet returns the first set bit at or after i, or Len() if none.
-func (b *Bitmap) NextSet(i uint64) uint64 {
-	if i >= b.n {
-		return b.n
+func (b *Bitmap) NextSet(i uint64) uint64 { return b.NextSetBefore(i, b.n) }
+
+// NextClearBefore returns the first clear bit in [i, end), or end (at most
+// Len()) if none; it reads only the words of that range.
+func (b *Bitmap) NextClearBefore(i, end uint64) uint64 { return b.next(i, end, ^uint64(0)) }
+
+// NextSetBefore returns the first set bit in [i, end), or end (at most
+// Len()) if none; it reads only the words of that range.
+func (b *Bitmap) NextSetBefore(i, end uint64) uint64 { return b.next(i, end, 0) }
+
+// next finds the first bit in [i, end) whose value differs from the bits
+// of flip (all ones: a clear bit; zero: a set bit).
+func (b *Bitmap) next(i, end, flip uint64) uint64 {
+	end = min(end, b.n)
+	if i >= end {
+		return end
 	}
 	w := i / 64
-	word := b.words[w].Load() &^ ((1 << (i % 64)) - 1)
+	word := (b.words[w].Load() ^ flip) &^ ((1 << (i % 64)) - 1)
+	last := (end - 1) / 64
 	for {
 		if word != 0 {
-			return min(w*64+uint64(bits.TrailingZeros64(word)), b.n)
+			return min(w*64+uint64(bits.TrailingZeros64(word)), end)
 		}
 		w++
-		if w >= uint64(len(b.words)) {
-			return b.n
+		if w > last {
+			return end
 		}
-		word = b.words[w].Load()
+		word = b.words[w].Load() ^ flip
 	}
 }
 

@@ -71,6 +71,13 @@ func TestBitmapModel(t *testing.T) {
 			if got := b.NextSet(from); got != wantSet {
 				t.Fatalf("n=%d NextSet(%d) = %d, want %d", n, from, got, wantSet)
 			}
+			end := from + rng.Uint64N(n+2-from) // may pass Len
+			if got, want := b.NextClearBefore(from, end), min(wantClear, end, n); got != want {
+				t.Fatalf("n=%d NextClearBefore(%d, %d) = %d, want %d", n, from, end, got, want)
+			}
+			if got, want := b.NextSetBefore(from, end), min(wantSet, end, n); got != want {
+				t.Fatalf("n=%d NextSetBefore(%d, %d) = %d, want %d", n, from, end, got, want)
+			}
 		}
 	}
 }

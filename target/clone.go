@@ -757,7 +757,7 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 		mu.Unlock()
 	}
 	slots := make(chan struct{}, c.cacheParallel)
-	for r := c.md.NextUnhydrated(c.geom.Region(off)); r <= last && r < c.geom.NrRegions(); r = c.md.NextUnhydrated(r) {
+	for r := c.md.NextUnhydratedBefore(c.geom.Region(off), last+1); r <= last && r < c.geom.NrRegions(); r = c.md.NextUnhydratedBefore(r, last+1) {
 		mu.Lock()
 		stop := firstErr != nil
 		mu.Unlock()
@@ -825,7 +825,8 @@ func (c *clone) NrRegions() uint64 { return c.geom.NrRegions() }
 
 func (c *clone) Claim(from, limit, maxCount uint64) (uint64, uint64) {
 	n := c.geom.NrRegions()
-	for r := c.md.NextUnhydrated(from); r < min(n, limit); r = c.md.NextUnhydrated(r + 1) {
+	end := min(n, limit)
+	for r := c.md.NextUnhydratedBefore(from, end); r < end; r = c.md.NextUnhydratedBefore(r+1, end) {
 		if count := c.lockUnhydratedRun(r, min(maxCount, n-r)); count > 0 {
 			return r, count
 		}
@@ -839,19 +840,14 @@ func (c *clone) Claim(from, limit, maxCount uint64) (uint64, uint64) {
 // operation per 64 regions) and checked again once locked: a region may
 // have been hydrated by its holder before.
 func (c *clone) lockUnhydratedRun(r, max uint64) uint64 {
-	run := uint64(0)
-	for run < max && !c.md.IsHydrated(r+run) {
-		run++
-	}
+	run := c.md.NextHydratedBefore(r, r+max) - r
 	if run == 0 {
 		return 0
 	}
 	got := c.locks.TryLockRun(r, run)
-	for i := range got {
-		if c.md.IsHydrated(r + i) {
-			c.locks.UnlockRun(r+i, got-i)
-			return i
-		}
+	if h := c.md.NextHydratedBefore(r, r+got); h < r+got {
+		c.locks.UnlockRun(h, r+got-h)
+		return h - r
 	}
 	return got
 }
