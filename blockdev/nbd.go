@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // NBDOptions configure an NBD source. Zero values mean the defaults.
@@ -366,7 +368,7 @@ func (d *NBD) readAligned(ctx context.Context, p []byte, off int64) error {
 
 func (d *NBD) readPiece(ctx context.Context, p []byte, off int64) error {
 	return d.call(ctx, fmt.Sprintf("blockdev: read %s at %d+%d", d.uri, off, len(p)),
-		func() *nbdReq { return &nbdReq{cmd: nbdCmdRead, off: uint64(off), length: uint32(len(p)), buf: p} }, nil)
+		func() *nbdReq { return &nbdReq{cmd: nbdwire.CmdRead, off: uint64(off), length: uint32(len(p)), buf: p} }, nil)
 }
 
 // Map describes [off, off+n) with BLOCK_STATUS base:allocation.
@@ -467,7 +469,9 @@ func (d *NBD) mapDirect(ctx context.Context, off, n int64) ([]Extent, error) {
 	aend := min((off+n+mb-1)/mb*mb, d.info.size, aoff+nbdMaxBlockStatusBytes)
 	var exts []Extent
 	err := d.call(ctx, fmt.Sprintf("blockdev: block status %s at %d+%d", d.uri, aoff, aend-aoff),
-		func() *nbdReq { return &nbdReq{cmd: nbdCmdBlockStatus, off: uint64(aoff), length: uint32(aend - aoff)} },
+		func() *nbdReq {
+			return &nbdReq{cmd: nbdwire.CmdBlockStatus, off: uint64(aoff), length: uint32(aend - aoff)}
+		},
 		func(r *nbdReq) { exts = r.exts })
 	if err != nil {
 		return nil, err

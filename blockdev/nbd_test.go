@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 	"github.com/nbdclone/nbdclone/internal/testutil"
 )
 
@@ -186,7 +187,7 @@ func TestNBDMapHolesAndData(t *testing.T) {
 	var statusReqs atomic.Int64
 	s.set(func(s *fakeNBD) {
 		s.fault = func(r fakeReq) fakeFault {
-			if r.cmd == nbdCmdBlockStatus {
+			if r.cmd == nbdwire.CmdBlockStatus {
 				statusReqs.Add(1)
 			}
 			return fakeFault{}

@@ -17,6 +17,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // errConnDropped: the connection a request was sent on died before the
@@ -33,7 +35,7 @@ type nbdInfo struct {
 	metaID                        uint32 // base:allocation's context id
 }
 
-func (i nbdInfo) multiConn() bool { return i.flags&nbdTFlagCanMultiConn != 0 }
+func (i nbdInfo) multiConn() bool { return i.flags&nbdwire.FlagCanMultiConn != 0 }
 
 // nbdConn is one NBD connection in its transmission phase: requests are
 // written under wmu, one reader goroutine matches replies to requests by
@@ -44,7 +46,7 @@ type nbdConn struct {
 	reqTimeout time.Duration
 
 	wmu  sync.Mutex
-	wbuf [28]byte // guarded by wmu
+	wbuf [nbdwire.RequestHeaderLen]byte // guarded by wmu
 
 	mu sync.Mutex
 	// The fields below are guarded by mu.
@@ -114,29 +116,29 @@ type nbdHandshake struct {
 	conn net.Conn
 	addr nbdAddress
 	opts *NBDOptions
-	buf  [20]byte
+	buf  [nbdwire.OptionReplyHeaderLen]byte
 }
 
 func (h *nbdHandshake) run(ctx context.Context) (nbdInfo, error) {
 	var info nbdInfo
-	hdr := make([]byte, 18)
+	hdr := make([]byte, 18) // NBDMAGIC, IHAVEOPT, handshake flags
 	if _, err := io.ReadFull(h.conn, hdr); err != nil {
 		return info, fmt.Errorf("blockdev: NBD greeting from %s: %w", h.addr.address, err)
 	}
-	if binary.BigEndian.Uint64(hdr) != nbdMagic {
+	if binary.BigEndian.Uint64(hdr) != nbdwire.NBDMagic {
 		return info, permanent(fmt.Errorf("%w: %s is not an NBD server", ErrProtocol, h.addr.address))
 	}
-	if binary.BigEndian.Uint64(hdr[8:]) != nbdOptMagic {
+	if binary.BigEndian.Uint64(hdr[8:]) != nbdwire.OptMagic {
 		return info, permanent(fmt.Errorf("%w: %s speaks oldstyle NBD; fixed newstyle is required", ErrProtocol, h.addr.address))
 	}
 	sflags := binary.BigEndian.Uint16(hdr[16:])
-	if sflags&nbdFlagFixedNewstyle == 0 {
+	if sflags&nbdwire.FlagFixedNewstyle == 0 {
 		return info, permanent(fmt.Errorf("%w: %s does not speak fixed newstyle NBD", ErrProtocol, h.addr.address))
 	}
-	cflags := uint32(nbdFlagFixedNewstyle)
-	noZeroes := sflags&nbdFlagNoZeroes != 0
+	cflags := nbdwire.FlagCFixedNewstyle
+	noZeroes := sflags&nbdwire.FlagNoZeroes != 0
 	if noZeroes {
-		cflags |= uint32(nbdFlagNoZeroes)
+		cflags |= nbdwire.FlagCNoZeroes
 	}
 	if err := binary.Write(h.conn, binary.BigEndian, cflags); err != nil {
 		return info, err
@@ -148,11 +150,11 @@ func (h *nbdHandshake) run(ctx context.Context) (nbdInfo, error) {
 	}
 	// Structured replies: reads may come as several chunks, and
 	// BLOCK_STATUS needs them.
-	typ, _, err := h.option(nbdOptStructuredReply, nil)
+	typ, _, err := h.option(nbdwire.OptStructuredReply, nil)
 	if err != nil {
 		return info, err
 	}
-	info.structured = typ == nbdRepAck
+	info.structured = typ == nbdwire.RepAck
 	if info.structured && !h.opts.NoBlockStatus {
 		if err := h.metaContext(&info); err != nil {
 			return info, err
@@ -162,13 +164,13 @@ func (h *nbdHandshake) run(ctx context.Context) (nbdInfo, error) {
 		return info, err
 	}
 	if info.minBlock == 0 {
-		info.minBlock = 1
+		info.minBlock = nbdwire.DefaultMinBlockSize
 	}
 	if info.prefBlock == 0 {
-		info.prefBlock = 4096
+		info.prefBlock = nbdwire.DefaultPreferredBlockSize
 	}
 	if info.maxBlock == 0 {
-		info.maxBlock = nbdDefaultMaxBlock
+		info.maxBlock = nbdwire.DefaultMaxBlockSize
 	}
 	if info.minBlock&(info.minBlock-1) != 0 || info.maxBlock < info.minBlock {
 		return info, permanent(fmt.Errorf("%w: bad block sizes min %d max %d", ErrProtocol, info.minBlock, info.maxBlock))
@@ -177,11 +179,11 @@ func (h *nbdHandshake) run(ctx context.Context) (nbdInfo, error) {
 }
 
 func (h *nbdHandshake) startTLS(ctx context.Context) error {
-	typ, data, err := h.option(nbdOptStartTLS, nil)
+	typ, data, err := h.option(nbdwire.OptStartTLS, nil)
 	if err != nil {
 		return err
 	}
-	if typ != nbdRepAck {
+	if typ != nbdwire.RepAck {
 		return permanent(fmt.Errorf("blockdev: %s refused STARTTLS: %s", h.addr.address, repErr(typ, data)))
 	}
 	cfg := &tls.Config{}
@@ -227,24 +229,21 @@ func (h *nbdHandshake) option(opt uint32, data []byte) (uint32, []byte, error) {
 }
 
 func (h *nbdHandshake) sendOption(opt uint32, data []byte) error {
-	b := make([]byte, 16+len(data))
-	binary.BigEndian.PutUint64(b, nbdOptMagic)
-	binary.BigEndian.PutUint32(b[8:], opt)
-	binary.BigEndian.PutUint32(b[12:], uint32(len(data)))
-	copy(b[16:], data)
+	b := make([]byte, nbdwire.OptionHeaderLen+len(data))
+	nbdwire.PutOptionHeader(b, opt, uint32(len(data)))
+	copy(b[nbdwire.OptionHeaderLen:], data)
 	_, err := h.conn.Write(b)
 	return err
 }
 
 func (h *nbdHandshake) reply(opt uint32) (uint32, []byte, error) {
-	if _, err := io.ReadFull(h.conn, h.buf[:20]); err != nil {
+	if _, err := io.ReadFull(h.conn, h.buf[:]); err != nil {
 		return 0, nil, fmt.Errorf("blockdev: NBD option reply: %w", err)
 	}
-	if binary.BigEndian.Uint64(h.buf[:]) != nbdOptReplyMagic || binary.BigEndian.Uint32(h.buf[8:]) != opt {
+	replyTo, typ, n := nbdwire.ParseOptionReplyHeader(h.buf[:])
+	if binary.BigEndian.Uint64(h.buf[:]) != nbdwire.OptReplyMagic || replyTo != opt {
 		return 0, nil, fmt.Errorf("%w: bad option reply", ErrProtocol)
 	}
-	typ := binary.BigEndian.Uint32(h.buf[12:])
-	n := binary.BigEndian.Uint32(h.buf[16:])
 	if n > 64<<10 {
 		return 0, nil, fmt.Errorf("%w: option reply of %d bytes", ErrProtocol, n)
 	}
@@ -258,19 +257,19 @@ func (h *nbdHandshake) reply(opt uint32) (uint32, []byte, error) {
 func repErr(typ uint32, data []byte) string {
 	var what string
 	switch typ {
-	case nbdRepErrUnsup:
+	case nbdwire.RepErrUnsup:
 		what = "unsupported"
-	case nbdRepErrPolicy:
+	case nbdwire.RepErrPolicy:
 		what = "forbidden by policy"
-	case nbdRepErrInvalid:
+	case nbdwire.RepErrInvalid:
 		what = "invalid"
-	case nbdRepErrTLSReqd:
+	case nbdwire.RepErrTLSReqd:
 		what = "TLS required (use an nbds:// URI)"
-	case nbdRepErrUnknown:
+	case nbdwire.RepErrUnknown:
 		what = "unknown export"
-	case nbdRepErrShutdown:
+	case nbdwire.RepErrShutdown:
 		what = "server shutting down"
-	case nbdRepErrBlockSizeReqd:
+	case nbdwire.RepErrBlockSizeReqd:
 		what = "block size required"
 	default:
 		what = fmt.Sprintf("reply type %#x", typ)
@@ -289,24 +288,24 @@ func exportData(name string) []byte {
 func (h *nbdHandshake) metaContext(info *nbdInfo) error {
 	data := exportData(h.addr.export)
 	data = binary.BigEndian.AppendUint32(data, 1)
-	data = binary.BigEndian.AppendUint32(data, uint32(len(nbdMetaBaseAllocation)))
-	data = append(data, nbdMetaBaseAllocation...)
-	if err := h.sendOption(nbdOptSetMetaContext, data); err != nil {
+	data = binary.BigEndian.AppendUint32(data, uint32(len(nbdwire.MetaContextBaseAllocation)))
+	data = append(data, nbdwire.MetaContextBaseAllocation...)
+	if err := h.sendOption(nbdwire.OptSetMetaContext, data); err != nil {
 		return err
 	}
 	for {
-		typ, d, err := h.reply(nbdOptSetMetaContext)
+		typ, d, err := h.reply(nbdwire.OptSetMetaContext)
 		if err != nil {
 			return err
 		}
 		switch {
-		case typ == nbdRepMetaContext && len(d) >= 4:
-			if string(d[4:]) == nbdMetaBaseAllocation {
+		case typ == nbdwire.RepMetaContext && len(d) >= 4:
+			if string(d[4:]) == nbdwire.MetaContextBaseAllocation {
 				info.hasMeta, info.metaID = true, binary.BigEndian.Uint32(d)
 			}
-		case typ == nbdRepAck:
+		case typ == nbdwire.RepAck:
 			return nil
-		case typ&nbdRepFlagError != 0:
+		case typ&nbdwire.RepFlagError != 0:
 			return nil // no block status: every extent is data
 		default:
 			return fmt.Errorf("%w: SET_META_CONTEXT reply %#x", ErrProtocol, typ)
@@ -319,45 +318,45 @@ func (h *nbdHandshake) metaContext(info *nbdInfo) error {
 func (h *nbdHandshake) goOption(info *nbdInfo, noZeroes bool) error {
 	data := exportData(h.addr.export)
 	data = binary.BigEndian.AppendUint16(data, 1)
-	data = binary.BigEndian.AppendUint16(data, nbdInfoBlockSize)
-	if err := h.sendOption(nbdOptGo, data); err != nil {
+	data = binary.BigEndian.AppendUint16(data, nbdwire.InfoBlockSize)
+	if err := h.sendOption(nbdwire.OptGo, data); err != nil {
 		return err
 	}
 	gotExport := false
 	for {
-		typ, d, err := h.reply(nbdOptGo)
+		typ, d, err := h.reply(nbdwire.OptGo)
 		if err != nil {
 			return err
 		}
 		switch {
-		case typ == nbdRepInfo && len(d) >= 2:
+		case typ == nbdwire.RepInfo && len(d) >= 2:
 			switch binary.BigEndian.Uint16(d) {
-			case nbdInfoExport:
-				if len(d) < 12 {
+			case nbdwire.InfoExport:
+				if len(d) < nbdwire.InfoExportLen {
 					return fmt.Errorf("%w: short INFO_EXPORT", ErrProtocol)
 				}
 				info.size = int64(binary.BigEndian.Uint64(d[2:]))
 				info.flags = binary.BigEndian.Uint16(d[10:])
 				gotExport = true
-			case nbdInfoBlockSize:
-				if len(d) < 14 {
+			case nbdwire.InfoBlockSize:
+				if len(d) < nbdwire.InfoBlockSizeLen {
 					return fmt.Errorf("%w: short INFO_BLOCK_SIZE", ErrProtocol)
 				}
 				info.minBlock = binary.BigEndian.Uint32(d[2:])
 				info.prefBlock = binary.BigEndian.Uint32(d[6:])
 				info.maxBlock = binary.BigEndian.Uint32(d[10:])
 			}
-		case typ == nbdRepInfo:
-		case typ == nbdRepAck:
+		case typ == nbdwire.RepInfo:
+		case typ == nbdwire.RepAck:
 			if !gotExport {
 				return fmt.Errorf("%w: NBD_OPT_GO without export information", ErrProtocol)
 			}
 			return h.checkSize(info)
-		case typ == nbdRepErrUnsup:
+		case typ == nbdwire.RepErrUnsup:
 			return h.exportName(info, noZeroes)
-		case typ&nbdRepFlagError != 0:
+		case typ&nbdwire.RepFlagError != 0:
 			err := fmt.Errorf("blockdev: NBD export %q on %s: %s", h.addr.export, h.addr.address, repErr(typ, d))
-			if typ == nbdRepErrShutdown {
+			if typ == nbdwire.RepErrShutdown {
 				return err // the server may come back
 			}
 			return permanent(err)
@@ -368,12 +367,12 @@ func (h *nbdHandshake) goOption(info *nbdInfo, noZeroes bool) error {
 }
 
 func (h *nbdHandshake) exportName(info *nbdInfo, noZeroes bool) error {
-	if err := h.sendOption(nbdOptExportName, []byte(h.addr.export)); err != nil {
+	if err := h.sendOption(nbdwire.OptExportName, []byte(h.addr.export)); err != nil {
 		return err
 	}
 	n := 10
 	if !noZeroes {
-		n += 124
+		n += nbdwire.ExportNameZeroes
 	}
 	b := make([]byte, n)
 	if _, err := io.ReadFull(h.conn, b); err != nil {
@@ -418,7 +417,7 @@ func (c *nbdConn) close() {
 	c.wmu.Lock()
 	if !c.isDead() {
 		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-		c.putHeader(nbdCmdDisc, 0, 0, 0)
+		c.putHeader(nbdwire.CmdDisc, 0, 0, 0)
 		c.nc.Write(c.wbuf[:])
 	}
 	c.wmu.Unlock()
@@ -427,12 +426,7 @@ func (c *nbdConn) close() {
 }
 
 func (c *nbdConn) putHeader(cmd uint16, handle, off uint64, length uint32) {
-	binary.BigEndian.PutUint32(c.wbuf[0:], nbdRequestMagic)
-	binary.BigEndian.PutUint16(c.wbuf[4:], 0)
-	binary.BigEndian.PutUint16(c.wbuf[6:], cmd)
-	binary.BigEndian.PutUint64(c.wbuf[8:], handle)
-	binary.BigEndian.PutUint64(c.wbuf[16:], off)
-	binary.BigEndian.PutUint32(c.wbuf[24:], length)
+	nbdwire.PutRequest(c.wbuf[:], nbdwire.Request{Type: cmd, Handle: handle, Offset: off, Length: length})
 }
 
 // do sends req and waits for its reply, at most reqTimeout. A request
@@ -529,18 +523,18 @@ func (c *nbdConn) lookup(handle uint64, remove bool) *nbdReq {
 }
 
 func (c *nbdConn) readReplies(r *bufio.Reader) error {
-	var hdr [20]byte
+	var hdr [max(nbdwire.SimpleReplyHeaderLen, nbdwire.StructuredReplyHeaderLen)]byte
 	for {
 		if _, err := io.ReadFull(r, hdr[:4]); err != nil {
 			return err
 		}
 		switch binary.BigEndian.Uint32(hdr[:]) {
-		case nbdSimpleReplyMagic:
-			if _, err := io.ReadFull(r, hdr[4:16]); err != nil {
+		case nbdwire.SimpleReplyMagic:
+			if _, err := io.ReadFull(r, hdr[4:nbdwire.SimpleReplyHeaderLen]); err != nil {
 				return err
 			}
-			errno := binary.BigEndian.Uint32(hdr[4:])
-			req := c.lookup(binary.BigEndian.Uint64(hdr[8:]), true)
+			errno, handle := nbdwire.ParseSimpleReply(hdr[:])
+			req := c.lookup(handle, true)
 			if req == nil {
 				return fmt.Errorf("%w: reply to unknown handle", ErrProtocol)
 			}
@@ -548,7 +542,7 @@ func (c *nbdConn) readReplies(r *bufio.Reader) error {
 				req.done <- serverErr(nbdErrno(errno))
 				continue
 			}
-			if req.cmd == nbdCmdRead {
+			if req.cmd == nbdwire.CmdRead {
 				if _, err := io.ReadFull(r, req.buf); err != nil {
 					req.done <- fmt.Errorf("%w: %w", errConnDropped, err)
 					return err
@@ -558,8 +552,8 @@ func (c *nbdConn) readReplies(r *bufio.Reader) error {
 			}
 			req.done <- fmt.Errorf("%w: simple reply to BLOCK_STATUS", ErrProtocol)
 			return fmt.Errorf("%w: simple reply to BLOCK_STATUS", ErrProtocol)
-		case nbdStructReplyMagic:
-			if _, err := io.ReadFull(r, hdr[4:20]); err != nil {
+		case nbdwire.StructuredReplyMagic:
+			if _, err := io.ReadFull(r, hdr[4:nbdwire.StructuredReplyHeaderLen]); err != nil {
 				return err
 			}
 			if err := c.chunk(r, hdr[:]); err != nil {
@@ -580,11 +574,8 @@ func serverErr(e nbdErrno) error {
 
 // chunk handles one structured reply chunk.
 func (c *nbdConn) chunk(r *bufio.Reader, hdr []byte) error {
-	flags := binary.BigEndian.Uint16(hdr[4:])
-	typ := binary.BigEndian.Uint16(hdr[6:])
-	handle := binary.BigEndian.Uint64(hdr[8:])
-	length := binary.BigEndian.Uint32(hdr[16:])
-	done := flags&nbdReplyFlagDone != 0
+	flags, typ, handle, length := nbdwire.ParseChunkHeader(hdr)
+	done := flags&nbdwire.ReplyFlagDone != 0
 	// The request stays pending until its last chunk is read whole: if
 	// the connection dies mid-chunk, the reader's exit fails it.
 	req := c.lookup(handle, false)
@@ -599,12 +590,12 @@ func (c *nbdConn) chunk(r *bufio.Reader, hdr []byte) error {
 	}
 	var small [16]byte
 	switch typ {
-	case nbdReplyNone:
+	case nbdwire.ReplyTypeNone:
 		if length != 0 || !done {
 			return bad("NONE chunk of %d bytes", length)
 		}
-	case nbdReplyOffsetData:
-		if req.cmd != nbdCmdRead || length < 8 {
+	case nbdwire.ReplyTypeOffsetData:
+		if req.cmd != nbdwire.CmdRead || length < 8 {
 			return bad("OFFSET_DATA chunk")
 		}
 		if _, err := io.ReadFull(r, small[:8]); err != nil {
@@ -618,8 +609,8 @@ func (c *nbdConn) chunk(r *bufio.Reader, hdr []byte) error {
 			return err
 		}
 		req.spans = append(req.spans, [2]uint64{off, n})
-	case nbdReplyOffsetHole:
-		if req.cmd != nbdCmdRead || length != 12 {
+	case nbdwire.ReplyTypeOffsetHole:
+		if req.cmd != nbdwire.CmdRead || length != 12 {
 			return bad("OFFSET_HOLE chunk")
 		}
 		if _, err := io.ReadFull(r, small[:12]); err != nil {
@@ -631,8 +622,8 @@ func (c *nbdConn) chunk(r *bufio.Reader, hdr []byte) error {
 		}
 		clear(req.buf[off-req.off : off-req.off+n])
 		req.spans = append(req.spans, [2]uint64{off, n})
-	case nbdReplyBlockStatus:
-		if req.cmd != nbdCmdBlockStatus || length < 4 || (length-4)%8 != 0 || length > 4+8*(1<<20) {
+	case nbdwire.ReplyTypeBlockStatus:
+		if req.cmd != nbdwire.CmdBlockStatus || length < 4 || (length-4)%8 != 0 || length > 4+8*(1<<20) {
 			return bad("BLOCK_STATUS chunk of %d bytes", length)
 		}
 		b := make([]byte, length)
@@ -646,10 +637,10 @@ func (c *nbdConn) chunk(r *bufio.Reader, hdr []byte) error {
 				if n == 0 {
 					return bad("empty extent")
 				}
-				req.exts = append(req.exts, Extent{Length: int64(n), Hole: fl&nbdStateHole != 0, Zero: fl&nbdStateZero != 0})
+				req.exts = append(req.exts, Extent{Length: int64(n), Hole: fl&nbdwire.StateHole != 0, Zero: fl&nbdwire.StateZero != 0})
 			}
 		}
-	case nbdReplyError, nbdReplyErrorOffset:
+	case nbdwire.ReplyTypeError, nbdwire.ReplyTypeErrorOffset:
 		if length < 6 || length > 64<<10 {
 			return bad("error chunk of %d bytes", length)
 		}
@@ -670,7 +661,7 @@ func (c *nbdConn) chunk(r *bufio.Reader, hdr []byte) error {
 			req.err = err
 		}
 	default:
-		if typ&nbdReplyTypeErrorBit == 0 {
+		if typ&nbdwire.ReplyTypeFlagError == 0 {
 			// An unknown informational chunk: skip it.
 			if _, err := r.Discard(int(length)); err != nil {
 				return err
@@ -698,7 +689,7 @@ func (req *nbdReq) finish() error {
 		return req.err
 	}
 	switch req.cmd {
-	case nbdCmdRead:
+	case nbdwire.CmdRead:
 		slices.SortFunc(req.spans, func(a, b [2]uint64) int { return cmp.Compare(a[0], b[0]) })
 		next := req.off
 		for _, s := range req.spans {
@@ -710,7 +701,7 @@ func (req *nbdReq) finish() error {
 		if next != req.off+uint64(req.length) {
 			return fmt.Errorf("%w: read reply covers %d of %d bytes", ErrProtocol, next-req.off, req.length)
 		}
-	case nbdCmdBlockStatus:
+	case nbdwire.CmdBlockStatus:
 		if len(req.exts) == 0 {
 			return fmt.Errorf("%w: BLOCK_STATUS reply without extents", ErrProtocol)
 		}

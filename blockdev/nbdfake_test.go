@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 	"github.com/nbdclone/nbdclone/internal/testutil"
 )
 
@@ -135,7 +136,7 @@ func be32(b []byte, v uint32) []byte { return binary.BigEndian.AppendUint32(b, v
 func be64(b []byte, v uint64) []byte { return binary.BigEndian.AppendUint64(b, v) }
 
 func (s *fakeNBD) optReply(w io.Writer, opt, typ uint32, data []byte) error {
-	b := be64(nil, nbdOptReplyMagic)
+	b := be64(nil, nbdwire.OptReplyMagic)
 	b = be32(b, opt)
 	b = be32(b, typ)
 	b = be32(b, uint32(len(data)))
@@ -150,9 +151,9 @@ func (s *fakeNBD) serve(c net.Conn) {
 	minB, maxB := s.minBlock, s.maxBlock
 	size := uint64(len(s.data))
 	s.mu.Unlock()
-	hello := be64(nil, nbdMagic)
-	hello = be64(hello, nbdOptMagic)
-	hello = be16(hello, nbdFlagFixedNewstyle|nbdFlagNoZeroes)
+	hello := be64(nil, nbdwire.NBDMagic)
+	hello = be64(hello, nbdwire.OptMagic)
+	hello = be16(hello, nbdwire.FlagFixedNewstyle|nbdwire.FlagNoZeroes)
 	if _, err := c.Write(hello); err != nil {
 		return
 	}
@@ -172,45 +173,45 @@ func (s *fakeNBD) serve(c net.Conn) {
 			return
 		}
 		switch opt {
-		case nbdOptStructuredReply:
+		case nbdwire.OptStructuredReply:
 			if structuredOffered {
 				structured = true
-				s.optReply(c, opt, nbdRepAck, nil)
+				s.optReply(c, opt, nbdwire.RepAck, nil)
 			} else {
-				s.optReply(c, opt, nbdRepErrUnsup, nil)
+				s.optReply(c, opt, nbdwire.RepErrUnsup, nil)
 			}
-		case nbdOptSetMetaContext:
+		case nbdwire.OptSetMetaContext:
 			if !metaOffered || !structured {
-				s.optReply(c, opt, nbdRepErrUnsup, nil)
+				s.optReply(c, opt, nbdwire.RepErrUnsup, nil)
 				continue
 			}
 			metaID = 7
-			s.optReply(c, opt, nbdRepMetaContext, append(be32(nil, metaID), nbdMetaBaseAllocation...))
-			s.optReply(c, opt, nbdRepAck, nil)
-		case nbdOptGo:
-			flags := nbdTFlagHasFlags | 2 // read-only
+			s.optReply(c, opt, nbdwire.RepMetaContext, append(be32(nil, metaID), nbdwire.MetaContextBaseAllocation...))
+			s.optReply(c, opt, nbdwire.RepAck, nil)
+		case nbdwire.OptGo:
+			flags := nbdwire.FlagHasFlags | 2 // read-only
 			if multi {
-				flags |= nbdTFlagCanMultiConn
+				flags |= nbdwire.FlagCanMultiConn
 			}
-			info := be16(nil, nbdInfoExport)
+			info := be16(nil, nbdwire.InfoExport)
 			info = be64(info, size)
 			info = be16(info, flags)
-			s.optReply(c, opt, nbdRepInfo, info)
+			s.optReply(c, opt, nbdwire.RepInfo, info)
 			if minB != 0 {
-				bs := be16(nil, nbdInfoBlockSize)
+				bs := be16(nil, nbdwire.InfoBlockSize)
 				bs = be32(bs, minB)
 				bs = be32(bs, 4096)
 				bs = be32(bs, maxB)
-				s.optReply(c, opt, nbdRepInfo, bs)
+				s.optReply(c, opt, nbdwire.RepInfo, bs)
 			}
-			s.optReply(c, opt, nbdRepAck, nil)
+			s.optReply(c, opt, nbdwire.RepAck, nil)
 			s.transmit(c, r, structured, metaID, minB, maxB)
 			return
-		case nbdOptAbort:
-			s.optReply(c, opt, nbdRepAck, nil)
+		case nbdwire.OptAbort:
+			s.optReply(c, opt, nbdwire.RepAck, nil)
 			return
 		default:
-			s.optReply(c, opt, nbdRepErrUnsup, nil)
+			s.optReply(c, opt, nbdwire.RepErrUnsup, nil)
 		}
 	}
 }
@@ -232,10 +233,10 @@ func (s *fakeNBD) transmit(c net.Conn, r *bufio.Reader, structured bool, metaID,
 			len: uint64(binary.BigEndian.Uint32(hdr[24:])),
 		}
 		handle := binary.BigEndian.Uint64(hdr[8:])
-		if req.cmd == nbdCmdDisc {
+		if req.cmd == nbdwire.CmdDisc {
 			return
 		}
-		if req.cmd == nbdCmdRead {
+		if req.cmd == nbdwire.CmdRead {
 			for old := s.maxRequest.Load(); int64(req.len) > old && !s.maxRequest.CompareAndSwap(old, int64(req.len)); old = s.maxRequest.Load() {
 			}
 		}
@@ -251,7 +252,7 @@ func (s *fakeNBD) transmit(c net.Conn, r *bufio.Reader, structured bool, metaID,
 			f.errno = uint32(syscall.EINVAL)
 		case minB > 1 && (req.off%uint64(minB) != 0 || req.len%uint64(minB) != 0 && req.off+req.len != size):
 			f.errno = uint32(syscall.EINVAL)
-		case maxB > 0 && req.cmd == nbdCmdRead && req.len > uint64(maxB):
+		case maxB > 0 && req.cmd == nbdwire.CmdRead && req.len > uint64(maxB):
 			f.errno = uint32(syscall.EINVAL)
 		}
 		if f.drop {
@@ -272,7 +273,7 @@ func (s *fakeNBD) transmit(c net.Conn, r *bufio.Reader, structured bool, metaID,
 // reply builds the whole reply to one request.
 func (s *fakeNBD) reply(req fakeReq, handle uint64, f fakeFault, structured bool, metaID uint32) []byte {
 	chunk := func(b []byte, flags, typ uint16, payload []byte) []byte {
-		b = be32(b, nbdStructReplyMagic)
+		b = be32(b, nbdwire.StructuredReplyMagic)
 		b = be16(b, flags)
 		b = be16(b, typ)
 		b = be64(b, handle)
@@ -281,20 +282,20 @@ func (s *fakeNBD) reply(req fakeReq, handle uint64, f fakeFault, structured bool
 	}
 	if f.errno != 0 {
 		if !structured {
-			return be64(be32(be32(nil, nbdSimpleReplyMagic), f.errno), handle)
+			return be64(be32(be32(nil, nbdwire.SimpleReplyMagic), f.errno), handle)
 		}
 		p := be32(nil, f.errno)
 		p = be16(p, 4)
 		p = append(p, "boom"...)
-		return chunk(nil, nbdReplyFlagDone, nbdReplyError, p)
+		return chunk(nil, nbdwire.ReplyFlagDone, nbdwire.ReplyTypeError, p)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch req.cmd {
-	case nbdCmdRead:
+	case nbdwire.CmdRead:
 		data := s.data[req.off : req.off+req.len]
 		if !structured {
-			b := be64(be32(be32(nil, nbdSimpleReplyMagic), 0), handle)
+			b := be64(be32(be32(nil, nbdwire.SimpleReplyMagic), 0), handle)
 			return append(b, data...)
 		}
 		// Random chunks, out of order, holes as OFFSET_HOLE.
@@ -313,22 +314,22 @@ func (s *fakeNBD) reply(req fakeReq, handle uint64, f fakeFault, structured bool
 		for i, p := range pieces {
 			var flags uint16
 			if i == len(pieces)-1 {
-				flags = nbdReplyFlagDone
+				flags = nbdwire.ReplyFlagDone
 			}
 			if p.n == 0 {
-				b = chunk(b, flags, nbdReplyNone, nil)
+				b = chunk(b, flags, nbdwire.ReplyTypeNone, nil)
 				continue
 			}
 			if allZero(data[p.off : p.off+p.n]) {
 				pl := be64(nil, req.off+p.off)
 				pl = be32(pl, uint32(p.n))
-				b = chunk(b, flags, nbdReplyOffsetHole, pl)
+				b = chunk(b, flags, nbdwire.ReplyTypeOffsetHole, pl)
 				continue
 			}
-			b = chunk(b, flags, nbdReplyOffsetData, append(be64(nil, req.off+p.off), data[p.off:p.off+p.n]...))
+			b = chunk(b, flags, nbdwire.ReplyTypeOffsetData, append(be64(nil, req.off+p.off), data[p.off:p.off+p.n]...))
 		}
 		return b
-	case nbdCmdBlockStatus:
+	case nbdwire.CmdBlockStatus:
 		p := be32(nil, metaID)
 		end := min(req.off+req.len, uint64(len(s.data)))
 		for o := req.off; o < end; {
@@ -339,14 +340,14 @@ func (s *fakeNBD) reply(req fakeReq, handle uint64, f fakeFault, structured bool
 			}
 			var fl uint32
 			if z {
-				fl = nbdStateHole | nbdStateZero
+				fl = nbdwire.StateHole | nbdwire.StateZero
 			}
 			p = be32(be32(p, uint32(e-o)), fl)
 			o = e
 		}
-		return chunk(nil, nbdReplyFlagDone, nbdReplyBlockStatus, p)
+		return chunk(nil, nbdwire.ReplyFlagDone, nbdwire.ReplyTypeBlockStatus, p)
 	}
-	return chunk(nil, nbdReplyFlagDone, nbdReplyError, be16(be32(nil, uint32(syscall.EINVAL)), 0))
+	return chunk(nil, nbdwire.ReplyFlagDone, nbdwire.ReplyTypeError, be16(be32(nil, uint32(syscall.EINVAL)), 0))
 }
 
 func allZero(b []byte) bool {

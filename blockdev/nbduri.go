@@ -7,6 +7,8 @@ import (
 	"net/url"
 	"path/filepath"
 	"strings"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // ErrBadURI: a source URI that cannot be parsed or uses an unknown scheme.
@@ -50,7 +52,7 @@ func parseNBDURI(spec string) (nbdAddress, error) {
 		}
 		port := u.Port()
 		if port == "" {
-			port = nbdDefaultPort
+			port = nbdwire.DefaultPort
 		}
 		a.network, a.address, a.serverName = "tcp", net.JoinHostPort(u.Hostname(), port), u.Hostname()
 	case "nbd+unix", "nbds+unix":

@@ -3,6 +3,8 @@ package nbdserver
 import (
 	"fmt"
 	"testing"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // BenchmarkRead measures READ throughput over a unix socket with 16
@@ -11,7 +13,7 @@ func BenchmarkRead(b *testing.B) {
 	for _, size := range []int{4 << 10, 256 << 10, 4 << 20} {
 		for _, structured := range []bool{false, true} {
 			b.Run(fmt.Sprintf("size=%d/structured=%v", size, structured), func(b *testing.B) {
-				benchmarkIO(b, cmdRead, size, structured)
+				benchmarkIO(b, nbdwire.CmdRead, size, structured)
 			})
 		}
 	}
@@ -21,7 +23,7 @@ func BenchmarkRead(b *testing.B) {
 func BenchmarkWrite(b *testing.B) {
 	for _, size := range []int{4 << 10, 256 << 10, 4 << 20} {
 		b.Run(fmt.Sprintf("size=%d", size), func(b *testing.B) {
-			benchmarkIO(b, cmdWrite, size, false)
+			benchmarkIO(b, nbdwire.CmdWrite, size, false)
 		})
 	}
 }
@@ -33,7 +35,7 @@ func benchmarkIO(b *testing.B, typ uint16, size int, structured bool) {
 	srv := startServer(b, e, Options{})
 	rc := connect(b, srv.sock, "disk", structured)
 	var payload []byte
-	if typ == cmdWrite {
+	if typ == nbdwire.CmdWrite {
 		payload = make([]byte, size)
 	}
 	slots := exportSize / size
@@ -48,9 +50,9 @@ func benchmarkIO(b *testing.B, typ uint16, size int, structured bool) {
 	}
 	for range b.N {
 		switch {
-		case typ == cmdRead && structured:
+		case typ == nbdwire.CmdRead && structured:
 			rc.readChunk()
-		case typ == cmdRead:
+		case typ == nbdwire.CmdRead:
 			rc.readSimple(size)
 		default:
 			rc.readSimple(0)
@@ -61,6 +63,6 @@ func benchmarkIO(b *testing.B, typ uint16, size int, structured bool) {
 		}
 	}
 	b.StopTimer()
-	rc.request(cmdDisc, 0, 0, 0, 0, nil)
+	rc.request(nbdwire.CmdDisc, 0, 0, 0, 0, nil)
 	rc.expectEOF()
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strings"
 	"syscall"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // Sentinel errors. Test with errors.Is.
@@ -17,19 +19,6 @@ var (
 	// for a fast zero it cannot do quickly; it wraps syscall.ENOTSUP, so the
 	// client sees NBD_ENOTSUP and falls back to writing zeroes itself.
 	ErrNotSupported = fmt.Errorf("nbdserver: operation not supported: %w", syscall.ENOTSUP)
-)
-
-// NBD error values (doc/proto.md "Error values"). They equal the Linux errno
-// numbers, but the spec allows only these eight on the wire.
-const (
-	nbdEPERM     = uint32(1)
-	nbdEIO       = uint32(5)
-	nbdENOMEM    = uint32(12)
-	nbdEINVAL    = uint32(22)
-	nbdENOSPC    = uint32(28)
-	nbdEOVERFLOW = uint32(75)
-	nbdENOTSUP   = uint32(95)
-	nbdESHUTDOWN = uint32(108)
 )
 
 // OffsetError is an Export error that knows where the request failed: the
@@ -54,35 +43,35 @@ func (e *OffsetError) Unwrap() error { return e.Err }
 func errnoOf(err error) uint32 {
 	var errno syscall.Errno
 	if !errors.As(err, &errno) {
-		return nbdEIO
+		return nbdwire.EIO
 	}
 	switch errno {
 	case syscall.EPERM, syscall.EROFS:
-		return nbdEPERM
+		return nbdwire.EPERM
 	case syscall.EIO:
-		return nbdEIO
+		return nbdwire.EIO
 	case syscall.ENOMEM:
-		return nbdENOMEM
+		return nbdwire.ENOMEM
 	case syscall.EINVAL:
-		return nbdEINVAL
+		return nbdwire.EINVAL
 	case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG: // the spec asks for EDQUOT and EFBIG as ENOSPC
-		return nbdENOSPC
+		return nbdwire.ENOSPC
 	case syscall.EOVERFLOW:
-		return nbdEOVERFLOW
+		return nbdwire.EOVERFLOW
 	case syscall.ENOTSUP: // == EOPNOTSUPP on Linux
-		return nbdENOTSUP
+		return nbdwire.ENOTSUP
 	case syscall.ESHUTDOWN:
-		return nbdESHUTDOWN
+		return nbdwire.ESHUTDOWN
 	default:
-		return nbdEIO
+		return nbdwire.EIO
 	}
 }
 
 // errorMessage makes err's text fit the spec's rules for strings in error
 // chunks: valid UTF-8, no NUL, at most 4096 bytes.
 func errorMessage(msg string) string {
-	if len(msg) > maxStringLen {
-		msg = msg[:maxStringLen]
+	if len(msg) > nbdwire.MaxStringLen {
+		msg = msg[:nbdwire.MaxStringLen]
 	}
 	// Dropping invalid bytes (rather than replacing them) also removes a
 	// rune the truncation cut in half, so the result stays within the limit.

@@ -1,6 +1,10 @@
 package nbdserver
 
-import "context"
+import (
+	"context"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
+)
 
 // Export is one NBD export as the server sees it. Implementations must be
 // safe for concurrent use: the server issues many requests at once, from many
@@ -73,12 +77,12 @@ type ExportInfo struct {
 const (
 	// ContextBaseAllocation is the spec's base:allocation: StateHole and
 	// StateZero per extent.
-	ContextBaseAllocation = "base:allocation"
+	ContextBaseAllocation = nbdwire.MetaContextBaseAllocation
 
 	// StateHole (base:allocation): the extent is not allocated.
-	StateHole = uint32(1 << 0)
+	StateHole = nbdwire.StateHole
 	// StateZero (base:allocation): the extent reads as zeroes.
-	StateZero = uint32(1 << 1)
+	StateZero = nbdwire.StateZero
 )
 
 // Extenter is an optional interface of an Export that can describe its

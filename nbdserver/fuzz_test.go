@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // streamConn is a net.Conn whose peer is a byte string: reads return it,
@@ -89,14 +91,14 @@ var fuzzTLS = sync.OnceValue(func() *tls.Config {
 // Seed builders.
 
 func optionBytes(opt uint32, data []byte) []byte {
-	b := be.AppendUint64(nil, optMagic)
+	b := be.AppendUint64(nil, nbdwire.OptMagic)
 	b = be.AppendUint32(b, opt)
 	b = be.AppendUint32(b, uint32(len(data)))
 	return append(b, data...)
 }
 
 func requestBytes(typ, flags uint16, handle, off uint64, length uint32, payload []byte) []byte {
-	b := be.AppendUint32(nil, requestMagic)
+	b := be.AppendUint32(nil, nbdwire.RequestMagic)
 	b = be.AppendUint16(b, flags)
 	b = be.AppendUint16(b, typ)
 	b = be.AppendUint64(b, handle)
@@ -107,45 +109,45 @@ func requestBytes(typ, flags uint16, handle, off uint64, length uint32, payload 
 
 func cat(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
 
-var fixedFlags = be.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
+var fixedFlags = be.AppendUint32(nil, nbdwire.FlagCFixedNewstyle|nbdwire.FlagCNoZeroes)
 
 // negotiateSeeds are client streams after the greeting; the first byte
 // picks the TLS mode and the read size (see FuzzNegotiate).
 var negotiateSeeds = map[string][]byte{
 	"go": cat([]byte{0}, fixedFlags,
-		optionBytes(optStructuredReply, nil),
-		optionBytes(optGo, infoRequest("disk", infoName, infoDescription, infoBlockSize))),
+		optionBytes(nbdwire.OptStructuredReply, nil),
+		optionBytes(nbdwire.OptGo, infoRequest("disk", nbdwire.InfoName, nbdwire.InfoDescription, nbdwire.InfoBlockSize))),
 	"list-info-abort": cat([]byte{0}, fixedFlags,
-		optionBytes(optList, nil),
-		optionBytes(optInfo, infoRequest("ro", infoBlockSize)),
-		optionBytes(optInfo, infoRequest("nope")),
-		optionBytes(optAbort, nil)),
+		optionBytes(nbdwire.OptList, nil),
+		optionBytes(nbdwire.OptInfo, infoRequest("ro", nbdwire.InfoBlockSize)),
+		optionBytes(nbdwire.OptInfo, infoRequest("nope")),
+		optionBytes(nbdwire.OptAbort, nil)),
 	"meta-contexts": cat([]byte{0}, fixedFlags,
-		optionBytes(optStructuredReply, nil),
-		optionBytes(optListMetaContext, metaRequest("disk")),
-		optionBytes(optListMetaContext, metaRequest("disk", "base:", "x-test:")),
-		optionBytes(optSetMetaContext, metaRequest("disk", ContextBaseAllocation, testHydrated)),
-		optionBytes(optGo, infoRequest("disk"))),
-	"export-name": cat([]byte{0}, be.AppendUint32(nil, clientFlagFixedNewstyle),
-		optionBytes(optExportName, []byte("disk"))),
+		optionBytes(nbdwire.OptStructuredReply, nil),
+		optionBytes(nbdwire.OptListMetaContext, metaRequest("disk")),
+		optionBytes(nbdwire.OptListMetaContext, metaRequest("disk", "base:", "x-test:")),
+		optionBytes(nbdwire.OptSetMetaContext, metaRequest("disk", ContextBaseAllocation, testHydrated)),
+		optionBytes(nbdwire.OptGo, infoRequest("disk"))),
+	"export-name": cat([]byte{0}, be.AppendUint32(nil, nbdwire.FlagCFixedNewstyle),
+		optionBytes(nbdwire.OptExportName, []byte("disk"))),
 	"oldstyle-client": cat([]byte{0}, be.AppendUint32(nil, 0),
-		optionBytes(optExportName, []byte("ro"))),
+		optionBytes(nbdwire.OptExportName, []byte("ro"))),
 	"malformed": cat([]byte{0}, fixedFlags,
-		optionBytes(optGo, []byte{0, 0, 0, 9, 'd'}),
-		optionBytes(optSetMetaContext, metaRequest("disk", "noColon")),
-		optionBytes(optStructuredReply, []byte{1}),
+		optionBytes(nbdwire.OptGo, []byte{0, 0, 0, 9, 'd'}),
+		optionBytes(nbdwire.OptSetMetaContext, metaRequest("disk", "noColon")),
+		optionBytes(nbdwire.OptStructuredReply, []byte{1}),
 		optionBytes(99, []byte("unknown")),
-		optionBytes(optList, []byte{1})),
+		optionBytes(nbdwire.OptList, []byte{1})),
 	"tls-required": cat([]byte{2 | 4<<2}, fixedFlags,
-		optionBytes(optList, nil),
-		optionBytes(optGo, infoRequest("disk")),
-		optionBytes(optStartTLS, nil),
+		optionBytes(nbdwire.OptList, nil),
+		optionBytes(nbdwire.OptGo, infoRequest("disk")),
+		optionBytes(nbdwire.OptStartTLS, nil),
 		[]byte("\x16\x03\x01 not really a ClientHello")),
 	"tls-off": cat([]byte{0}, fixedFlags,
-		optionBytes(optStartTLS, nil),
-		optionBytes(optGo, infoRequest("disk"))),
-	"giant-option": cat([]byte{0}, fixedFlags, be.AppendUint64(nil, optMagic),
-		be.AppendUint32(nil, optGo), be.AppendUint32(nil, 1<<31)),
+		optionBytes(nbdwire.OptStartTLS, nil),
+		optionBytes(nbdwire.OptGo, infoRequest("disk"))),
+	"giant-option": cat([]byte{0}, fixedFlags, be.AppendUint64(nil, nbdwire.OptMagic),
+		be.AppendUint32(nil, nbdwire.OptGo), be.AppendUint32(nil, 1<<31)),
 }
 
 func fuzzExports(t testing.TB) *memExports {
@@ -198,11 +200,11 @@ func FuzzNegotiate(f *testing.F) {
 }
 
 func checkOptionReplies(t *testing.T, out []byte, entered bool) {
-	if len(out) < 18 || be.Uint64(out) != nbdMagic || be.Uint64(out[8:]) != optMagic {
+	if len(out) < 18 || be.Uint64(out) != nbdwire.NBDMagic || be.Uint64(out[8:]) != nbdwire.OptMagic {
 		t.Fatalf("greeting % x", out[:min(len(out), 18)])
 	}
 	out = out[18:]
-	for len(out) >= 20 && be.Uint64(out) == optReplyMagic {
+	for len(out) >= 20 && be.Uint64(out) == nbdwire.OptReplyMagic {
 		opt, typ, n := be.Uint32(out[8:]), be.Uint32(out[12:]), be.Uint32(out[16:])
 		if uint64(n) > uint64(len(out)-20) {
 			t.Fatalf("option %d reply of %d bytes, %d written", opt, n, len(out)-20)
@@ -211,21 +213,21 @@ func checkOptionReplies(t *testing.T, out []byte, entered bool) {
 		out = out[20+n:]
 		switch {
 		case typ&(1<<31) != 0:
-			if !utf8.Valid(data) || bytes.IndexByte(data, 0) >= 0 || len(data) > maxStringLen {
+			if !utf8.Valid(data) || bytes.IndexByte(data, 0) >= 0 || len(data) > nbdwire.MaxStringLen {
 				t.Fatalf("option %d error %#x: bad message %q", opt, typ, data)
 			}
-		case typ == repAck && opt == optStartTLS:
+		case typ == nbdwire.RepAck && opt == nbdwire.OptStartTLS:
 			return // TLS records follow
-		case typ == repAck:
-		case typ == repServer && opt == optList:
+		case typ == nbdwire.RepAck:
+		case typ == nbdwire.RepServer && opt == nbdwire.OptList:
 			if len(data) < 4 || uint64(be.Uint32(data)) > uint64(len(data)-4) {
 				t.Fatalf("NBD_REP_SERVER % x", data)
 			}
-		case typ == repInfo && (opt == optInfo || opt == optGo):
+		case typ == nbdwire.RepInfo && (opt == nbdwire.OptInfo || opt == nbdwire.OptGo):
 			if len(data) < 2 {
 				t.Fatalf("NBD_REP_INFO % x", data)
 			}
-		case typ == repMetaContext && (opt == optListMetaContext || opt == optSetMetaContext):
+		case typ == nbdwire.RepMetaContext && (opt == nbdwire.OptListMetaContext || opt == nbdwire.OptSetMetaContext):
 			if len(data) < 5 || !utf8.Valid(data[4:]) {
 				t.Fatalf("NBD_REP_META_CONTEXT % x", data)
 			}
@@ -236,7 +238,7 @@ func checkOptionReplies(t *testing.T, out []byte, entered bool) {
 	if entered {
 		// NBD_OPT_EXPORT_NAME's reply (size, flags, maybe zeroes), or
 		// nothing more after NBD_OPT_GO's ACK.
-		if len(out) != 0 && len(out) != 10 && len(out) != 10+exportNameZeroes {
+		if len(out) != 0 && len(out) != 10 && len(out) != 10+nbdwire.ExportNameZeroes {
 			t.Fatalf("%d bytes after the option replies", len(out))
 		}
 		return
@@ -250,27 +252,27 @@ func checkOptionReplies(t *testing.T, out []byte, entered bool) {
 // NBD_CMD_DISC so that every reply is written before the check.
 var requestSeeds = map[string][]byte{
 	"every-command": cat(
-		requestBytes(cmdWrite, cmdFlagFUA, 1, 4096, 8, []byte("abcdefgh")),
-		requestBytes(cmdRead, 0, 2, 4090, 20, nil),
-		requestBytes(cmdRead, 0, 11, 64<<10, 64<<10, nil), // zeroes: a hole chunk
-		requestBytes(cmdRead, cmdFlagDF, 3, 0, 512, nil),
-		requestBytes(cmdTrim, 0, 4, 0, 8192, nil),
-		requestBytes(cmdWriteZeroes, cmdFlagNoHole, 5, 100, 1000, nil),
-		requestBytes(cmdWriteZeroes, cmdFlagFastZero, 6, 100, 1000, nil),
-		requestBytes(cmdCache, 0, 7, 0, 65536, nil),
-		requestBytes(cmdFlush, 0, 8, 0, 0, nil),
-		requestBytes(cmdBlockStatus, 0, 9, 0, 1<<20, nil),
-		requestBytes(cmdBlockStatus, cmdFlagReqOne, 10, 4096, 4096, nil)),
+		requestBytes(nbdwire.CmdWrite, nbdwire.CmdFlagFUA, 1, 4096, 8, []byte("abcdefgh")),
+		requestBytes(nbdwire.CmdRead, 0, 2, 4090, 20, nil),
+		requestBytes(nbdwire.CmdRead, 0, 11, 64<<10, 64<<10, nil), // zeroes: a hole chunk
+		requestBytes(nbdwire.CmdRead, nbdwire.CmdFlagDF, 3, 0, 512, nil),
+		requestBytes(nbdwire.CmdTrim, 0, 4, 0, 8192, nil),
+		requestBytes(nbdwire.CmdWriteZeroes, nbdwire.CmdFlagNoHole, 5, 100, 1000, nil),
+		requestBytes(nbdwire.CmdWriteZeroes, nbdwire.CmdFlagFastZero, 6, 100, 1000, nil),
+		requestBytes(nbdwire.CmdCache, 0, 7, 0, 65536, nil),
+		requestBytes(nbdwire.CmdFlush, 0, 8, 0, 0, nil),
+		requestBytes(nbdwire.CmdBlockStatus, 0, 9, 0, 1<<20, nil),
+		requestBytes(nbdwire.CmdBlockStatus, nbdwire.CmdFlagReqOne, 10, 4096, 4096, nil)),
 	"errors": cat(
-		requestBytes(cmdRead, 0, 1, 1<<20, 1, nil),
-		requestBytes(cmdWrite, 0, 2, 1<<20-4, 8, []byte("overflow")),
-		requestBytes(cmdRead, 0, 3, 0, 1<<30, nil),
-		requestBytes(cmdFlush, 0, 4, 1, 0, nil),
-		requestBytes(cmdBlockStatus, 0, 5, 0, 0, nil),
+		requestBytes(nbdwire.CmdRead, 0, 1, 1<<20, 1, nil),
+		requestBytes(nbdwire.CmdWrite, 0, 2, 1<<20-4, 8, []byte("overflow")),
+		requestBytes(nbdwire.CmdRead, 0, 3, 0, 1<<30, nil),
+		requestBytes(nbdwire.CmdFlush, 0, 4, 1, 0, nil),
+		requestBytes(nbdwire.CmdBlockStatus, 0, 5, 0, 0, nil),
 		requestBytes(42, 0, 6, 0, 0, nil),
-		requestBytes(cmdRead, 1<<12, 7, 0, 512, nil)),
-	"truncated-write": requestBytes(cmdWrite, 0, 1, 0, 4096, []byte("short")),
-	"bad-magic":       cat(requestBytes(cmdRead, 0, 1, 0, 512, nil), []byte("GARBAGE GARBAGE GARBAGE GARBAGE")),
+		requestBytes(nbdwire.CmdRead, 1<<12, 7, 0, 512, nil)),
+	"truncated-write": requestBytes(nbdwire.CmdWrite, 0, 1, 0, 4096, []byte("short")),
+	"bad-magic":       cat(requestBytes(nbdwire.CmdRead, 0, 1, 0, 512, nil), []byte("GARBAGE GARBAGE GARBAGE GARBAGE")),
 }
 
 // FuzzRequests feeds a transmission-phase request stream to a connection
@@ -296,7 +298,7 @@ func FuzzRequests(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		stream := cat(in, requestBytes(cmdDisc, 0, 0, 0, 0, nil))
+		stream := cat(in, requestBytes(nbdwire.CmdDisc, 0, 0, 0, 0, nil))
 		nc := newStreamConn(stream, 1<<10)
 		c := newConn(s, context.Background(), nc, nil, 1)
 		sess := session{structured: structured, metaExport: "disk"}
@@ -325,16 +327,16 @@ type sentRequest struct {
 func parseRequests(in []byte) (map[uint64]sentRequest, bool) {
 	reqs := map[uint64]sentRequest{}
 	unique := true
-	for len(in) >= requestHeaderLen && be.Uint32(in) == requestMagic {
+	for len(in) >= nbdwire.RequestHeaderLen && be.Uint32(in) == nbdwire.RequestMagic {
 		typ, handle, length := be.Uint16(in[6:]), be.Uint64(in[8:]), be.Uint32(in[24:])
-		in = in[requestHeaderLen:]
-		if typ == cmdDisc {
+		in = in[nbdwire.RequestHeaderLen:]
+		if typ == nbdwire.CmdDisc {
 			if !unique {
 				return nil, true
 			}
 			return reqs, true
 		}
-		if typ == cmdWrite {
+		if typ == nbdwire.CmdWrite {
 			if uint64(length) > uint64(len(in)) {
 				break
 			}
@@ -356,7 +358,7 @@ func checkReplies(t *testing.T, out []byte, reqs map[uint64]sentRequest, disc, s
 		// A handle was reused: a successful read reply's payload length
 		// depends on which request it answers, so the stream cannot be
 		// framed. Only its first reply can be checked.
-		if len(out) >= 4 && be.Uint32(out) != simpleReplyMagic && be.Uint32(out) != structuredReplyMagic {
+		if len(out) >= 4 && be.Uint32(out) != nbdwire.SimpleReplyMagic && be.Uint32(out) != nbdwire.StructuredReplyMagic {
 			t.Fatalf("reply magic %#x", be.Uint32(out))
 		}
 		return
@@ -372,12 +374,12 @@ func checkReplies(t *testing.T, out []byte, reqs map[uint64]sentRequest, disc, s
 			t.Fatalf("%d stray bytes", len(out))
 		}
 		switch be.Uint32(out) {
-		case simpleReplyMagic:
-			if len(out) < simpleReplyHeaderLen {
+		case nbdwire.SimpleReplyMagic:
+			if len(out) < nbdwire.SimpleReplyHeaderLen {
 				t.Fatalf("a partial simple reply")
 			}
 			errno, handle := be.Uint32(out[4:]), be.Uint64(out[8:])
-			out = out[simpleReplyHeaderLen:]
+			out = out[nbdwire.SimpleReplyHeaderLen:]
 			if reqs == nil {
 				continue // ambiguous handles: framing of reads unknown
 			}
@@ -385,31 +387,31 @@ func checkReplies(t *testing.T, out []byte, reqs map[uint64]sentRequest, disc, s
 			if !ok {
 				t.Fatalf("simple reply for handle %d, never sent", handle)
 			}
-			if r.typ == cmdRead && structured {
+			if r.typ == nbdwire.CmdRead && structured {
 				t.Fatalf("simple reply to a READ with structured replies")
 			}
-			if r.typ == cmdRead && errno == 0 {
+			if r.typ == nbdwire.CmdRead && errno == 0 {
 				if uint64(r.length) > uint64(len(out)) {
 					t.Fatalf("read reply of %d bytes, %d written", r.length, len(out))
 				}
 				out = out[r.length:]
 			}
 			done[handle]++
-		case structuredReplyMagic:
+		case nbdwire.StructuredReplyMagic:
 			if !structured {
 				t.Fatalf("structured reply without structured replies")
 			}
-			if len(out) < structuredReplyHeaderLen {
+			if len(out) < nbdwire.StructuredReplyHeaderLen {
 				t.Fatalf("a partial chunk header")
 			}
 			flags, typ, handle, n := be.Uint16(out[4:]), be.Uint16(out[6:]), be.Uint64(out[8:]), be.Uint32(out[16:])
-			if uint64(n) > uint64(len(out)-structuredReplyHeaderLen) {
-				t.Fatalf("chunk of %d bytes, %d written", n, len(out)-structuredReplyHeaderLen)
+			if uint64(n) > uint64(len(out)-nbdwire.StructuredReplyHeaderLen) {
+				t.Fatalf("chunk of %d bytes, %d written", n, len(out)-nbdwire.StructuredReplyHeaderLen)
 			}
-			payload := out[structuredReplyHeaderLen : structuredReplyHeaderLen+n]
-			out = out[structuredReplyHeaderLen+n:]
+			payload := out[nbdwire.StructuredReplyHeaderLen : nbdwire.StructuredReplyHeaderLen+n]
+			out = out[nbdwire.StructuredReplyHeaderLen+n:]
 			checkChunk(t, typ, payload, reqs, handle)
-			if flags&replyFlagDone != 0 {
+			if flags&nbdwire.ReplyFlagDone != 0 {
 				done[handle]++
 			}
 		default:
@@ -436,13 +438,13 @@ func completeReplies(out []byte, reqs map[uint64]sentRequest, structured bool) [
 		rest := out[i:]
 		n := 0
 		switch {
-		case len(rest) >= simpleReplyHeaderLen && be.Uint32(rest) == simpleReplyMagic:
-			n = simpleReplyHeaderLen
-			if r, ok := reqs[be.Uint64(rest[8:])]; ok && r.typ == cmdRead && be.Uint32(rest[4:]) == 0 && !structured {
+		case len(rest) >= nbdwire.SimpleReplyHeaderLen && be.Uint32(rest) == nbdwire.SimpleReplyMagic:
+			n = nbdwire.SimpleReplyHeaderLen
+			if r, ok := reqs[be.Uint64(rest[8:])]; ok && r.typ == nbdwire.CmdRead && be.Uint32(rest[4:]) == 0 && !structured {
 				n += int(r.length)
 			}
-		case len(rest) >= structuredReplyHeaderLen && be.Uint32(rest) == structuredReplyMagic:
-			n = structuredReplyHeaderLen + int(be.Uint32(rest[16:]))
+		case len(rest) >= nbdwire.StructuredReplyHeaderLen && be.Uint32(rest) == nbdwire.StructuredReplyMagic:
+			n = nbdwire.StructuredReplyHeaderLen + int(be.Uint32(rest[16:]))
 		default:
 			return out[:i]
 		}
@@ -460,25 +462,25 @@ func checkChunk(t *testing.T, typ uint16, payload []byte, reqs map[uint64]sentRe
 		t.Fatalf("chunk for handle %d, never sent", handle)
 	}
 	switch typ {
-	case replyTypeNone:
+	case nbdwire.ReplyTypeNone:
 		if len(payload) != 0 {
 			t.Fatalf("NONE chunk with payload")
 		}
-	case replyTypeOffsetData:
+	case nbdwire.ReplyTypeOffsetData:
 		if len(payload) < 9 {
 			t.Fatalf("data chunk of %d bytes", len(payload))
 		}
 		if known && uint64(len(payload)-8) > uint64(r.length) {
 			t.Fatalf("data chunk larger than the read")
 		}
-	case replyTypeOffsetHole:
+	case nbdwire.ReplyTypeOffsetHole:
 		if len(payload) != 12 || be.Uint32(payload[8:]) == 0 {
 			t.Fatalf("hole chunk % x", payload)
 		}
 		if known && uint64(be.Uint32(payload[8:])) > uint64(r.length) {
 			t.Fatalf("hole chunk larger than the read")
 		}
-	case replyTypeBlockStatus:
+	case nbdwire.ReplyTypeBlockStatus:
 		if len(payload) < 12 || (len(payload)-4)%8 != 0 {
 			t.Fatalf("block status chunk of %d bytes", len(payload))
 		}
@@ -492,7 +494,7 @@ func checkChunk(t *testing.T, typ uint16, payload []byte, reqs map[uint64]sentRe
 		if known && sum > uint64(r.length) {
 			t.Fatalf("descriptors cover %d bytes of %d", sum, r.length)
 		}
-	case replyTypeError, replyTypeErrorOffset:
+	case nbdwire.ReplyTypeError, nbdwire.ReplyTypeErrorOffset:
 		if len(payload) < 6 || be.Uint32(payload) == 0 {
 			t.Fatalf("error chunk % x", payload)
 		}

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 	"github.com/nbdclone/nbdclone/internal/testutil"
 )
 
@@ -367,10 +368,10 @@ func (rc *rawClient) read(n int) []byte {
 func (rc *rawClient) handshake(clientFlags uint32) {
 	rc.t.Helper()
 	g := rc.read(18)
-	if be.Uint64(g) != nbdMagic || be.Uint64(g[8:]) != optMagic {
+	if be.Uint64(g) != nbdwire.NBDMagic || be.Uint64(g[8:]) != nbdwire.OptMagic {
 		rc.t.Fatalf("bad greeting % x", g)
 	}
-	if f := be.Uint16(g[16:]); f != flagFixedNewstyle|flagNoZeroes {
+	if f := be.Uint16(g[16:]); f != nbdwire.FlagFixedNewstyle|nbdwire.FlagNoZeroes {
 		rc.t.Fatalf("handshake flags %#x", f)
 	}
 	rc.write(be.AppendUint32(nil, clientFlags))
@@ -378,7 +379,7 @@ func (rc *rawClient) handshake(clientFlags uint32) {
 
 func (rc *rawClient) sendOption(opt uint32, data []byte) {
 	rc.t.Helper()
-	b := be.AppendUint64(nil, optMagic)
+	b := be.AppendUint64(nil, nbdwire.OptMagic)
 	b = be.AppendUint32(b, opt)
 	b = be.AppendUint32(b, uint32(len(data)))
 	rc.write(append(b, data...))
@@ -392,7 +393,7 @@ type optReply struct {
 func (rc *rawClient) readOptReply() optReply {
 	rc.t.Helper()
 	h := rc.read(20)
-	if m := be.Uint64(h); m != optReplyMagic {
+	if m := be.Uint64(h); m != nbdwire.OptReplyMagic {
 		rc.t.Fatalf("option reply magic %#x", m)
 	}
 	return optReply{opt: be.Uint32(h[8:]), typ: be.Uint32(h[12:]), data: rc.read(int(be.Uint32(h[16:])))}
@@ -422,20 +423,20 @@ func infoRequest(name string, infos ...uint16) []byte {
 func (rc *rawClient) goExport(name string, structured bool) (uint64, uint16) {
 	rc.t.Helper()
 	if structured {
-		rc.sendOption(optStructuredReply, nil)
-		rc.expectOptReply(optStructuredReply, repAck)
+		rc.sendOption(nbdwire.OptStructuredReply, nil)
+		rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
 	}
-	rc.sendOption(optGo, infoRequest(name))
+	rc.sendOption(nbdwire.OptGo, infoRequest(name))
 	var size uint64
 	var flags uint16
 	for {
 		r := rc.readOptReply()
 		switch r.typ {
-		case repInfo:
-			if be.Uint16(r.data) == infoExport {
+		case nbdwire.RepInfo:
+			if be.Uint16(r.data) == nbdwire.InfoExport {
 				size, flags = be.Uint64(r.data[2:]), be.Uint16(r.data[10:])
 			}
-		case repAck:
+		case nbdwire.RepAck:
 			return size, flags
 		default:
 			rc.t.Fatalf("NBD_OPT_GO %q: reply type %#x %q", name, r.typ, r.data)
@@ -448,14 +449,14 @@ func (rc *rawClient) goExport(name string, structured bool) (uint64, uint16) {
 func connect(t testing.TB, sock, name string, structured bool) *rawClient {
 	t.Helper()
 	rc := dialRaw(t, sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
 	rc.goExport(name, structured)
 	return rc
 }
 
 func (rc *rawClient) request(typ, flags uint16, handle, off uint64, length uint32, payload []byte) {
 	rc.t.Helper()
-	b := be.AppendUint32(nil, requestMagic)
+	b := be.AppendUint32(nil, nbdwire.RequestMagic)
 	b = be.AppendUint16(b, flags)
 	b = be.AppendUint16(b, typ)
 	b = be.AppendUint64(b, handle)
@@ -468,8 +469,8 @@ func (rc *rawClient) request(typ, flags uint16, handle, off uint64, length uint3
 // dataLen bytes of data.
 func (rc *rawClient) readSimple(dataLen int) (errno uint32, handle uint64, data []byte) {
 	rc.t.Helper()
-	h := rc.read(simpleReplyHeaderLen)
-	if m := be.Uint32(h); m != simpleReplyMagic {
+	h := rc.read(nbdwire.SimpleReplyHeaderLen)
+	if m := be.Uint32(h); m != nbdwire.SimpleReplyMagic {
 		rc.t.Fatalf("simple reply magic %#x", m)
 	}
 	errno, handle = be.Uint32(h[4:]), be.Uint64(h[8:])
@@ -495,8 +496,8 @@ type chunk struct {
 
 func (rc *rawClient) readChunk() chunk {
 	rc.t.Helper()
-	h := rc.read(structuredReplyHeaderLen)
-	if m := be.Uint32(h); m != structuredReplyMagic {
+	h := rc.read(nbdwire.StructuredReplyHeaderLen)
+	if m := be.Uint32(h); m != nbdwire.StructuredReplyMagic {
 		rc.t.Fatalf("structured reply magic %#x", m)
 	}
 	return chunk{flags: be.Uint16(h[4:]), typ: be.Uint16(h[6:]), handle: be.Uint64(h[8:]), payload: rc.read(int(be.Uint32(h[16:])))}

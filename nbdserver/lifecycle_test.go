@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 	"github.com/nbdclone/nbdclone/internal/testutil"
 )
 
@@ -82,12 +83,12 @@ func TestErrorMessage(t *testing.T) {
 	for i := range long {
 		long[i] = 'a'
 	}
-	long[maxStringLen-1] = 0xe2 // first byte of a 3-byte rune the cut splits
+	long[nbdwire.MaxStringLen-1] = 0xe2 // first byte of a 3-byte rune the cut splits
 	for in, check := range map[string]func(string) bool{
 		"plain":         func(s string) bool { return s == "plain" },
 		"nul\x00inside": func(s string) bool { return s == "nulinside" },
 		"bad\xffutf8":   func(s string) bool { return s == "badutf8" },
-		string(long):    func(s string) bool { return len(s) == maxStringLen-1 },
+		string(long):    func(s string) bool { return len(s) == nbdwire.MaxStringLen-1 },
 	} {
 		if got := errorMessage(in); !check(got) {
 			t.Errorf("errorMessage(%.20q...) = %.20q... (len %d)", in, got, len(got))
@@ -102,7 +103,7 @@ func TestConnections(t *testing.T) {
 	connect(t, srv.sock, "disk", true)
 	connect(t, srv.sock, "ro", false)
 	negotiating := dialRaw(t, srv.sock)
-	negotiating.handshake(clientFlagFixedNewstyle)
+	negotiating.handshake(nbdwire.FlagCFixedNewstyle)
 	// connect returns after the GO's ACK, which the server sends after
 	// counting the connection: no waiting needed.
 	want := map[string]int{"disk": 2, "ro": 1}
@@ -128,7 +129,7 @@ func TestDisconnectWaitsForRequestsInFlight(t *testing.T) {
 	rc := connect(t, srv.sock, "disk", false)
 	rc2 := connect(t, srv.sock, "disk", true)
 	other := connect(t, srv.sock, "ro", false)
-	rc.request(cmdWrite, 0, 1, 0, 5, []byte("hello"))
+	rc.request(nbdwire.CmdWrite, 0, 1, 0, 5, []byte("hello"))
 	<-entered
 
 	disconnected := make(chan int)
@@ -162,7 +163,7 @@ func TestDisconnectWaitsForRequestsInFlight(t *testing.T) {
 	if got := srv.Connections(); !maps.Equal(got, map[string]int{"ro": 1}) {
 		t.Fatalf("Connections %v", got)
 	}
-	other.request(cmdRead, 0, 2, 0, 5, nil)
+	other.request(nbdwire.CmdRead, 0, 2, 0, 5, nil)
 	if errno, _, data := other.readSimple(5); errno != 0 || string(data) != "other" {
 		t.Fatalf("other export: %d %q", errno, data)
 	}
@@ -183,7 +184,7 @@ func TestDisconnectGraceCancelsStuckRequests(t *testing.T) {
 	}
 	srv := startServer(t, e, Options{ShutdownGrace: time.Millisecond})
 	rc := connect(t, srv.sock, "disk", false)
-	rc.request(cmdRead, 0, 1, 0, 512, nil)
+	rc.request(nbdwire.CmdRead, 0, 1, 0, 512, nil)
 	<-entered
 	if n := srv.Disconnect("disk"); n != 1 {
 		t.Fatalf("Disconnect = %d", n)
@@ -196,7 +197,7 @@ func TestDisconnectGraceCancelsStuckRequests(t *testing.T) {
 	}
 	// The reply may or may not beat the close; nothing else may arrive.
 	b, _ := io.ReadAll(rc.r)
-	if len(b) != 0 && (len(b) != simpleReplyHeaderLen || be.Uint32(b[4:]) == 0) {
+	if len(b) != 0 && (len(b) != nbdwire.SimpleReplyHeaderLen || be.Uint32(b[4:]) == 0) {
 		t.Fatalf("after the grace: % x", b)
 	}
 }
@@ -212,8 +213,8 @@ func TestCloseIsIdempotentAndWaits(t *testing.T) {
 	srv := startServer(t, e, Options{ShutdownGrace: time.Millisecond})
 	rc := connect(t, srv.sock, "disk", false)
 	negotiating := dialRaw(t, srv.sock)
-	negotiating.handshake(clientFlagFixedNewstyle)
-	rc.request(cmdRead, 0, 1, 0, 512, nil)
+	negotiating.handshake(nbdwire.FlagCFixedNewstyle)
+	rc.request(nbdwire.CmdRead, 0, 1, 0, 512, nil)
 	<-entered
 
 	var wg sync.WaitGroup
@@ -280,7 +281,7 @@ func TestServeContextCancelShutsItsConnections(t *testing.T) {
 	if got := srv.Connections(); got["disk"] != 1 {
 		t.Fatalf("Connections %v", got)
 	}
-	b.request(cmdRead, 0, 1, 0, 1, nil)
+	b.request(nbdwire.CmdRead, 0, 1, 0, 1, nil)
 	if errno, _, data := b.readSimple(1); errno != 0 || string(data) != "x" {
 		t.Fatalf("listener B: %d %q", errno, data)
 	}
@@ -294,7 +295,7 @@ func TestServeContextCancelShutsItsConnections(t *testing.T) {
 	if err := <-servedB; err != nil {
 		t.Fatalf("Serve B: %v", err)
 	}
-	b.request(cmdRead, 0, 2, 0, 1, nil)
+	b.request(nbdwire.CmdRead, 0, 2, 0, 1, nil)
 	if errno, _, _ := b.readSimple(1); errno != 0 {
 		t.Fatalf("after its listener closed: errno %d", errno)
 	}

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 	"github.com/nbdclone/nbdclone/internal/testutil"
 )
 
@@ -31,29 +32,29 @@ func TestListenerAllowlist(t *testing.T) {
 	})
 
 	rc := dialRaw(t, sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optList, nil)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptList, nil)
 	var listed []string
-	for r := rc.readOptReply(); r.typ != repAck; r = rc.readOptReply() {
+	for r := rc.readOptReply(); r.typ != nbdwire.RepAck; r = rc.readOptReply() {
 		listed = append(listed, string(r.data[4:4+be.Uint32(r.data)]))
 	}
 	if strings.Join(listed, ",") != "ro" {
 		t.Errorf("listed %q, want only ro", listed)
 	}
-	for _, opt := range []uint32{optInfo, optGo} {
+	for _, opt := range []uint32{nbdwire.OptInfo, nbdwire.OptGo} {
 		rc.sendOption(opt, infoRequest("disk"))
-		rc.expectOptReply(opt, repErrUnknown)
+		rc.expectOptReply(opt, nbdwire.RepErrUnknown)
 	}
-	rc.sendOption(optStructuredReply, nil)
-	rc.expectOptReply(optStructuredReply, repAck)
-	if _, typ := rc.metaOption(optListMetaContext, metaRequest("disk")); typ != repErrUnknown {
+	rc.sendOption(nbdwire.OptStructuredReply, nil)
+	rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
+	if _, typ := rc.metaOption(nbdwire.OptListMetaContext, metaRequest("disk")); typ != nbdwire.RepErrUnknown {
 		t.Errorf("LIST_META_CONTEXT of a hidden export: %#x", typ)
 	}
 	rc.goExport("ro", true)
 
 	rc = dialRaw(t, sock)
-	rc.handshake(clientFlagFixedNewstyle)
-	rc.sendOption(optExportName, []byte("disk"))
+	rc.handshake(nbdwire.FlagCFixedNewstyle)
+	rc.sendOption(nbdwire.OptExportName, []byte("disk"))
 	rc.expectEOF()
 	if n := e.opens.Load(); n != 1 {
 		t.Errorf("%d opens, want only ro's", n)
@@ -85,9 +86,9 @@ func TestListenerTLSOverride(t *testing.T) {
 	checkServes(t, sock)
 	// The server's own listener still requires TLS.
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optGo, infoRequest("disk"))
-	rc.expectOptReply(optGo, repErrTLSReqd)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptGo, infoRequest("disk"))
+	rc.expectOptReply(nbdwire.OptGo, nbdwire.RepErrTLSReqd)
 
 	plain, err := NewServer(e, Options{})
 	if err != nil {

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 const testHydrated = "x-test:hydrated"
@@ -50,9 +52,9 @@ func (rc *rawClient) metaOption(opt uint32, data []byte) ([]metaReply, uint32) {
 			rc.t.Fatalf("reply for option %d, want %d", r.opt, opt)
 		}
 		switch r.typ {
-		case repAck:
-			return got, repAck
-		case repMetaContext:
+		case nbdwire.RepAck:
+			return got, nbdwire.RepAck
+		case nbdwire.RepMetaContext:
 			got = append(got, metaReply{id: be.Uint32(r.data), name: string(r.data[4:])})
 		default:
 			if r.typ&(1<<31) == 0 {
@@ -78,14 +80,14 @@ func TestListMetaContext(t *testing.T) {
 	e, _ := metaExports(t)
 	srv := startServer(t, e, Options{})
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
 
 	// Before structured replies: invalid.
-	if _, typ := rc.metaOption(optListMetaContext, metaRequest("disk")); typ != repErrInvalid {
+	if _, typ := rc.metaOption(nbdwire.OptListMetaContext, metaRequest("disk")); typ != nbdwire.RepErrInvalid {
 		t.Fatalf("LIST before structured replies: %#x", typ)
 	}
-	rc.sendOption(optStructuredReply, nil)
-	rc.expectOptReply(optStructuredReply, repAck)
+	rc.sendOption(nbdwire.OptStructuredReply, nil)
+	rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
 
 	for _, tc := range []struct {
 		export  string
@@ -100,8 +102,8 @@ func TestListMetaContext(t *testing.T) {
 		{"plain", nil, nil},
 		{"plain", []string{"base:allocation"}, nil},
 	} {
-		got, typ := rc.metaOption(optListMetaContext, metaRequest(tc.export, tc.queries...))
-		if typ != repAck || !slices.Equal(names(got), tc.want) {
+		got, typ := rc.metaOption(nbdwire.OptListMetaContext, metaRequest(tc.export, tc.queries...))
+		if typ != nbdwire.RepAck || !slices.Equal(names(got), tc.want) {
 			t.Errorf("LIST %s %q: %q (%#x), want %q", tc.export, tc.queries, names(got), typ, tc.want)
 		}
 		for _, r := range got {
@@ -110,7 +112,7 @@ func TestListMetaContext(t *testing.T) {
 			}
 		}
 	}
-	if _, typ := rc.metaOption(optListMetaContext, metaRequest("nope")); typ != repErrUnknown {
+	if _, typ := rc.metaOption(nbdwire.OptListMetaContext, metaRequest("nope")); typ != nbdwire.RepErrUnknown {
 		t.Errorf("LIST of an unknown export: %#x", typ)
 	}
 	rc.goExport("disk", true)
@@ -120,9 +122,9 @@ func TestMetaContextMalformed(t *testing.T) {
 	e, _ := metaExports(t)
 	srv := startServer(t, e, Options{})
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optStructuredReply, nil)
-	rc.expectOptReply(optStructuredReply, repAck)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptStructuredReply, nil)
+	rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
 
 	good := metaRequest("disk", "base:allocation")
 	countTooBig := metaRequest("disk", "base:allocation")
@@ -135,34 +137,34 @@ func TestMetaContextMalformed(t *testing.T) {
 		data []byte
 		want uint32
 	}{
-		"too short":          {[]byte{0, 0, 0, 4, 'd'}, repErrInvalid},
-		"name past the end":  {append(be.AppendUint32(nil, 99), good[4:]...), repErrInvalid},
-		"name over 4096":     {metaRequest(strings.Repeat("n", maxStringLen+1)), repErrInvalid},
-		"count too big":      {countTooBig, repErrInvalid},
-		"huge count":         {hugeCount, repErrInvalid},
-		"query past the end": {queryPastEnd, repErrInvalid},
-		"trailing byte":      {append(good[:len(good):len(good)], 0), repErrInvalid},
-		"query over 4096":    {metaRequest("disk", "base:"+strings.Repeat("a", maxStringLen)), repErrTooBig},
-		"no namespace":       {metaRequest("disk", "allocation"), repErrInvalid},
-		"empty namespace":    {metaRequest("disk", ":allocation"), repErrInvalid},
-		"NUL in query":       {metaRequest("disk", "base:alloc\x00ation"), repErrInvalid},
-		"bad UTF-8":          {metaRequest("disk", "base:\xff"), repErrInvalid},
+		"too short":          {[]byte{0, 0, 0, 4, 'd'}, nbdwire.RepErrInvalid},
+		"name past the end":  {append(be.AppendUint32(nil, 99), good[4:]...), nbdwire.RepErrInvalid},
+		"name over 4096":     {metaRequest(strings.Repeat("n", nbdwire.MaxStringLen+1)), nbdwire.RepErrInvalid},
+		"count too big":      {countTooBig, nbdwire.RepErrInvalid},
+		"huge count":         {hugeCount, nbdwire.RepErrInvalid},
+		"query past the end": {queryPastEnd, nbdwire.RepErrInvalid},
+		"trailing byte":      {append(good[:len(good):len(good)], 0), nbdwire.RepErrInvalid},
+		"query over 4096":    {metaRequest("disk", "base:"+strings.Repeat("a", nbdwire.MaxStringLen)), nbdwire.RepErrTooBig},
+		"no namespace":       {metaRequest("disk", "allocation"), nbdwire.RepErrInvalid},
+		"empty namespace":    {metaRequest("disk", ":allocation"), nbdwire.RepErrInvalid},
+		"NUL in query":       {metaRequest("disk", "base:alloc\x00ation"), nbdwire.RepErrInvalid},
+		"bad UTF-8":          {metaRequest("disk", "base:\xff"), nbdwire.RepErrInvalid},
 	}
 	for name, tc := range cases {
-		for _, opt := range []uint32{optListMetaContext, optSetMetaContext} {
+		for _, opt := range []uint32{nbdwire.OptListMetaContext, nbdwire.OptSetMetaContext} {
 			if _, typ := rc.metaOption(opt, tc.data); typ != tc.want {
 				t.Errorf("%s: option %d: reply %#x, want %#x", name, opt, typ, tc.want)
 			}
 		}
 	}
 	// A failed SET leaves nothing selected, even after a good one.
-	if got, typ := rc.metaOption(optSetMetaContext, good); typ != repAck || len(got) != 1 {
+	if got, typ := rc.metaOption(nbdwire.OptSetMetaContext, good); typ != nbdwire.RepAck || len(got) != 1 {
 		t.Fatalf("SET: %v %#x", got, typ)
 	}
-	rc.metaOption(optSetMetaContext, metaRequest("disk", "nonamespace"))
+	rc.metaOption(nbdwire.OptSetMetaContext, metaRequest("disk", "nonamespace"))
 	rc.goExport("disk", true)
-	rc.request(cmdBlockStatus, 0, 1, 0, 4096, nil)
-	if c := rc.readChunk(); c.typ != replyTypeError || chunkErrnoOf(c) != nbdEINVAL {
+	rc.request(nbdwire.CmdBlockStatus, 0, 1, 0, 4096, nil)
+	if c := rc.readChunk(); c.typ != nbdwire.ReplyTypeError || chunkErrnoOf(c) != nbdwire.EINVAL {
 		t.Fatalf("BLOCK_STATUS after a failed SET: chunk type %#x", c.typ)
 	}
 }
@@ -177,7 +179,7 @@ func chunkErrnoOf(c chunk) uint32 {
 // errno.
 func (rc *rawClient) blockStatus(handle uint64, flags uint16, off uint64, length uint32) (map[uint32][][2]uint32, uint32) {
 	rc.t.Helper()
-	rc.request(cmdBlockStatus, flags, handle, off, length, nil)
+	rc.request(nbdwire.CmdBlockStatus, flags, handle, off, length, nil)
 	got := map[uint32][][2]uint32{}
 	for {
 		c := rc.readChunk()
@@ -185,7 +187,7 @@ func (rc *rawClient) blockStatus(handle uint64, flags uint16, off uint64, length
 			rc.t.Fatalf("chunk for handle %d, want %d", c.handle, handle)
 		}
 		switch c.typ {
-		case replyTypeBlockStatus:
+		case nbdwire.ReplyTypeBlockStatus:
 			if len(c.payload) < 12 || (len(c.payload)-4)%8 != 0 {
 				rc.t.Fatalf("block status chunk of %d bytes", len(c.payload))
 			}
@@ -207,15 +209,15 @@ func (rc *rawClient) blockStatus(handle uint64, flags uint16, off uint64, length
 				rc.t.Fatalf("descriptors cover %d bytes of a %d-byte request", sum, length)
 			}
 			got[id] = descs
-		case replyTypeError:
-			if c.flags&replyFlagDone == 0 || len(got) != 0 {
+		case nbdwire.ReplyTypeError:
+			if c.flags&nbdwire.ReplyFlagDone == 0 || len(got) != 0 {
 				rc.t.Fatalf("error chunk flags %d after %d contexts", c.flags, len(got))
 			}
 			return nil, chunkErrnoOf(c)
 		default:
 			rc.t.Fatalf("chunk type %d", c.typ)
 		}
-		if c.flags&replyFlagDone != 0 {
+		if c.flags&nbdwire.ReplyFlagDone != 0 {
 			return got, 0
 		}
 	}
@@ -239,11 +241,11 @@ func TestBlockStatus(t *testing.T) {
 	})
 	srv := startServer(t, e, Options{})
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optStructuredReply, nil)
-	rc.expectOptReply(optStructuredReply, repAck)
-	sel, typ := rc.metaOption(optSetMetaContext, metaRequest("disk", testHydrated, "base:allocation", "base:", "nope:x"))
-	if typ != repAck || !slices.Equal(names(sel), []string{testHydrated, ContextBaseAllocation}) {
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptStructuredReply, nil)
+	rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
+	sel, typ := rc.metaOption(nbdwire.OptSetMetaContext, metaRequest("disk", testHydrated, "base:allocation", "base:", "nope:x"))
+	if typ != nbdwire.RepAck || !slices.Equal(names(sel), []string{testHydrated, ContextBaseAllocation}) {
 		t.Fatalf("SET: %v %#x", sel, typ)
 	}
 	if sel[0].id == sel[1].id || sel[0].id == 0 || sel[1].id == 0 {
@@ -266,7 +268,7 @@ func TestBlockStatus(t *testing.T) {
 	}
 
 	// REQ_ONE: one descriptor per context, never past the request.
-	got, errno = rc.blockStatus(2, cmdFlagReqOne, 60<<10, 8<<10)
+	got, errno = rc.blockStatus(2, nbdwire.CmdFlagReqOne, 60<<10, 8<<10)
 	want = map[uint32][][2]uint32{alloc: {{4 << 10, hz}}, hydrated: {{128, 1}}}
 	if errno != 0 || fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("REQ_ONE: %v (errno %d), want %v", got, errno, want)
@@ -285,13 +287,13 @@ func TestBlockStatus(t *testing.T) {
 		n     uint32
 		errno uint32
 	}{
-		{0, 0, 0, nbdEINVAL},
-		{0, testSize, 1, nbdEINVAL},
-		{0, testSize - 1, 2, nbdEINVAL},
-		{0, 1 << 63, 1 << 31, nbdEINVAL},
-		{cmdFlagDF, 0, 512, nbdEINVAL},
-		{cmdFlagNoHole, 0, 512, nbdEINVAL},
-		{1 << 9, 0, 512, nbdEINVAL},
+		{0, 0, 0, nbdwire.EINVAL},
+		{0, testSize, 1, nbdwire.EINVAL},
+		{0, testSize - 1, 2, nbdwire.EINVAL},
+		{0, 1 << 63, 1 << 31, nbdwire.EINVAL},
+		{nbdwire.CmdFlagDF, 0, 512, nbdwire.EINVAL},
+		{nbdwire.CmdFlagNoHole, 0, 512, nbdwire.EINVAL},
+		{1 << 9, 0, 512, nbdwire.EINVAL},
 	} {
 		if _, errno := rc.blockStatus(4, tc.flags, tc.off, tc.n); errno != tc.errno {
 			t.Errorf("flags %#x [%d,+%d): errno %d, want %d", tc.flags, tc.off, tc.n, errno, tc.errno)
@@ -302,11 +304,11 @@ func TestBlockStatus(t *testing.T) {
 	disk.setExtents(func(string, int64, int64, int) ([]Extent, error) {
 		return nil, fmt.Errorf("mapping: %w", syscall.ENOSPC)
 	})
-	if _, errno := rc.blockStatus(5, 0, 0, 4096); errno != nbdENOSPC {
+	if _, errno := rc.blockStatus(5, 0, 0, 4096); errno != nbdwire.ENOSPC {
 		t.Errorf("export error: errno %d", errno)
 	}
 	disk.setExtents(func(string, int64, int64, int) ([]Extent, error) { return nil, errors.New("anything") })
-	if _, errno := rc.blockStatus(6, 0, 0, 4096); errno != nbdEIO {
+	if _, errno := rc.blockStatus(6, 0, 0, 4096); errno != nbdwire.EIO {
 		t.Errorf("export error: errno %d", errno)
 	}
 	// Nothing usable: the whole range with status 0, always true.
@@ -316,7 +318,7 @@ func TestBlockStatus(t *testing.T) {
 	if errno != 0 || fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("no usable extent: %v (errno %d), want %v", got, errno, want)
 	}
-	rc.request(cmdDisc, 0, 8, 0, 0, nil)
+	rc.request(nbdwire.CmdDisc, 0, 8, 0, 0, nil)
 	rc.expectEOF()
 }
 
@@ -342,10 +344,10 @@ func TestBlockStatusLimits(t *testing.T) {
 	})
 	srv := startServer(t, e, Options{})
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optStructuredReply, nil)
-	rc.expectOptReply(optStructuredReply, repAck)
-	if _, typ := rc.metaOption(optSetMetaContext, metaRequest("big", ContextBaseAllocation)); typ != repAck {
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptStructuredReply, nil)
+	rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
+	if _, typ := rc.metaOption(nbdwire.OptSetMetaContext, metaRequest("big", ContextBaseAllocation)); typ != nbdwire.RepAck {
 		t.Fatal(typ)
 	}
 	rc.goExport("big", true)
@@ -378,10 +380,10 @@ func TestMetaContextsFollowTheExport(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rc := dialRaw(t, srv.sock)
-			rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-			rc.sendOption(optStructuredReply, nil)
-			rc.expectOptReply(optStructuredReply, repAck)
-			rc.metaOption(optSetMetaContext, metaRequest(tc.setFor, ContextBaseAllocation))
+			rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+			rc.sendOption(nbdwire.OptStructuredReply, nil)
+			rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
+			rc.metaOption(nbdwire.OptSetMetaContext, metaRequest(tc.setFor, ContextBaseAllocation))
 			rc.goExport(tc.goTo, true)
 			_, errno := rc.blockStatus(1, 0, 0, 4096)
 			if (errno == 0) != tc.works {
@@ -391,8 +393,8 @@ func TestMetaContextsFollowTheExport(t *testing.T) {
 	}
 	// Without structured replies there is no BLOCK_STATUS at all.
 	rc := connect(t, srv.sock, "disk", false)
-	rc.request(cmdBlockStatus, 0, 1, 0, 4096, nil)
-	rc.expectSimple(1, nbdEINVAL)
+	rc.request(nbdwire.CmdBlockStatus, 0, 1, 0, 4096, nil)
+	rc.expectSimple(1, nbdwire.EINVAL)
 }
 
 // TestBlockStatusContext: the export gets the connection's context.
@@ -411,10 +413,10 @@ func TestBlockStatusContext(t *testing.T) {
 	}
 	srv := startServer(t, e, Options{})
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optStructuredReply, nil)
-	rc.expectOptReply(optStructuredReply, repAck)
-	rc.metaOption(optSetMetaContext, metaRequest("disk", ContextBaseAllocation))
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptStructuredReply, nil)
+	rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
+	rc.metaOption(nbdwire.OptSetMetaContext, metaRequest("disk", ContextBaseAllocation))
 	rc.goExport("disk", true)
 	if got, errno := rc.blockStatus(1, 0, 0, 4096); errno != 0 || fmt.Sprint(got[1]) != "[[1 0]]" {
 		t.Fatalf("%v %d", got, errno)

@@ -11,6 +11,8 @@ import (
 	"net"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 var be = binary.BigEndian
@@ -47,9 +49,9 @@ type opened struct {
 // export is open.
 func (c *conn) negotiate() (*opened, error) {
 	var greeting [18]byte
-	be.PutUint64(greeting[0:], nbdMagic)
-	be.PutUint64(greeting[8:], optMagic)
-	be.PutUint16(greeting[16:], flagFixedNewstyle|flagNoZeroes)
+	be.PutUint64(greeting[0:], nbdwire.NBDMagic)
+	be.PutUint64(greeting[8:], nbdwire.OptMagic)
+	be.PutUint16(greeting[16:], nbdwire.FlagFixedNewstyle|nbdwire.FlagNoZeroes)
 	if _, err := c.nc.Write(greeting[:]); err != nil {
 		return nil, fmt.Errorf("nbdserver: send greeting: %w", err)
 	}
@@ -63,24 +65,24 @@ func (c *conn) negotiate() (*opened, error) {
 		return nil, fmt.Errorf("nbdserver: unknown client flags %#x", clientFlags)
 	}
 	sess := session{
-		fixed:    clientFlags&clientFlagFixedNewstyle != 0,
-		noZeroes: clientFlags&clientFlagNoZeroes != 0,
+		fixed:    clientFlags&nbdwire.FlagCFixedNewstyle != 0,
+		noZeroes: clientFlags&nbdwire.FlagCNoZeroes != 0,
 	}
 
 	for {
-		var hdr [16]byte
+		var hdr [nbdwire.OptionHeaderLen]byte
 		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
 			return nil, fmt.Errorf("nbdserver: read option header: %w", err)
 		}
-		if magic := be.Uint64(hdr[0:]); magic != optMagic {
+		if magic := be.Uint64(hdr[0:]); magic != nbdwire.OptMagic {
 			return nil, fmt.Errorf("nbdserver: bad option magic %#x", magic)
 		}
-		opt, length := be.Uint32(hdr[8:]), be.Uint32(hdr[12:])
+		opt, length := nbdwire.ParseOptionHeader(hdr[:])
 		if length > maxOptionLen {
 			// Refused before allocating or reading: skipping gigabytes of
 			// option data would be a denial of service in itself.
 			if sess.fixed {
-				c.optError(opt, repErrTooBig, fmt.Sprintf("option data of %d bytes exceeds this server's limit of %d", length, maxOptionLen))
+				c.optError(opt, nbdwire.RepErrTooBig, fmt.Sprintf("option data of %d bytes exceeds this server's limit of %d", length, maxOptionLen))
 			}
 			return nil, fmt.Errorf("nbdserver: option %d carries %d bytes, over the %d-byte limit", opt, length, maxOptionLen)
 		}
@@ -88,7 +90,7 @@ func (c *conn) negotiate() (*opened, error) {
 		if _, err := io.ReadFull(c.r, data); err != nil {
 			return nil, fmt.Errorf("nbdserver: read option %d data: %w", opt, err)
 		}
-		if !sess.fixed && opt != optExportName {
+		if !sess.fixed && opt != nbdwire.OptExportName {
 			// Plain newstyle clients cannot parse option replies.
 			return nil, fmt.Errorf("nbdserver: option %d from a client without fixed newstyle", opt)
 		}
@@ -104,48 +106,48 @@ func (c *conn) negotiate() (*opened, error) {
 func (c *conn) handleOption(sess *session, opt uint32, data []byte) (*opened, error) {
 	if c.tlsMode == TLSRequire && !sess.tls {
 		switch opt {
-		case optStartTLS, optAbort:
-		case optExportName:
+		case nbdwire.OptStartTLS, nbdwire.OptAbort:
+		case nbdwire.OptExportName:
 			// It cannot be answered with an error: the spec says end the
 			// session.
 			return nil, errors.New("nbdserver: NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, and TLS is required")
 		default:
-			return nil, c.optError(opt, repErrTLSReqd, "TLS is required: send NBD_OPT_STARTTLS first")
+			return nil, c.optError(opt, nbdwire.RepErrTLSReqd, "TLS is required: send NBD_OPT_STARTTLS first")
 		}
 	}
 	switch opt {
-	case optExportName:
+	case nbdwire.OptExportName:
 		return c.handleExportName(sess, data)
-	case optAbort:
+	case nbdwire.OptAbort:
 		// The spec: ignore any data, reply ACK; the client may already be gone.
-		c.optReply(opt, repAck)
+		c.optReply(opt, nbdwire.RepAck)
 		return nil, errAbort
-	case optList:
+	case nbdwire.OptList:
 		return nil, c.list(data)
-	case optInfo, optGo:
+	case nbdwire.OptInfo, nbdwire.OptGo:
 		return c.infoOrGo(sess, opt, data)
-	case optStructuredReply:
+	case nbdwire.OptStructuredReply:
 		if len(data) != 0 {
-			return nil, c.optError(opt, repErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+			return nil, c.optError(opt, nbdwire.RepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
 		}
 		sess.structured = true // a repeat is harmless: acknowledge it again
-		return nil, c.optReply(opt, repAck)
-	case optStartTLS:
+		return nil, c.optReply(opt, nbdwire.RepAck)
+	case nbdwire.OptStartTLS:
 		return nil, c.startTLS(sess, data)
-	case optListMetaContext, optSetMetaContext:
+	case nbdwire.OptListMetaContext, nbdwire.OptSetMetaContext:
 		return nil, c.metaContext(sess, opt, data)
-	case optExtendedHeaders:
+	case nbdwire.OptExtendedHeaders:
 		// Not implemented: clients fall back to compact headers.
-		return nil, c.optError(opt, repErrUnsup, "option not supported by this server")
+		return nil, c.optError(opt, nbdwire.RepErrUnsup, "option not supported by this server")
 	default:
-		return nil, c.optError(opt, repErrUnsup, fmt.Sprintf("unknown option %d", opt))
+		return nil, c.optError(opt, nbdwire.RepErrUnsup, fmt.Sprintf("unknown option %d", opt))
 	}
 }
 
 // handleExportName handles NBD_OPT_EXPORT_NAME, which cannot fail politely: an
 // unknown export ends the connection.
 func (c *conn) handleExportName(sess *session, data []byte) (*opened, error) {
-	if len(data) > maxStringLen {
+	if len(data) > nbdwire.MaxStringLen {
 		return nil, fmt.Errorf("nbdserver: NBD_OPT_EXPORT_NAME name of %d bytes", len(data))
 	}
 	name := string(data)
@@ -155,11 +157,11 @@ func (c *conn) handleExportName(sess *session, data []byte) (*opened, error) {
 	}
 	c.s.markTransmitting(c, name)
 	flags := exp.Flags()
-	reply := make([]byte, 10, 10+exportNameZeroes)
+	reply := make([]byte, 10, 10+nbdwire.ExportNameZeroes)
 	be.PutUint64(reply[0:], exportSize(exp))
 	be.PutUint16(reply[8:], transmissionFlags(flags, sess.structured))
 	if !sess.noZeroes {
-		reply = reply[:10+exportNameZeroes]
+		reply = reply[:10+nbdwire.ExportNameZeroes]
 	}
 	if _, err := c.nc.Write(reply); err != nil {
 		release()
@@ -172,7 +174,7 @@ func (c *conn) handleExportName(sess *session, data []byte) (*opened, error) {
 // list handles NBD_OPT_LIST: one NBD_REP_SERVER per export, then ACK.
 func (c *conn) list(data []byte) error {
 	if len(data) != 0 {
-		return c.optError(optList, repErrInvalid, "NBD_OPT_LIST takes no data")
+		return c.optError(nbdwire.OptList, nbdwire.RepErrInvalid, "NBD_OPT_LIST takes no data")
 	}
 	for _, info := range c.s.exports.List() {
 		if c.allow != nil && !c.allow(info.Name) {
@@ -184,38 +186,38 @@ func (c *conn) list(data []byte) error {
 		be.PutUint32(reply, uint32(len(info.Name)))
 		reply = append(reply, info.Name...)
 		reply = append(reply, info.Description...)
-		if err := c.optReply(optList, repServer, reply); err != nil {
+		if err := c.optReply(nbdwire.OptList, nbdwire.RepServer, reply); err != nil {
 			return err
 		}
 	}
-	return c.optReply(optList, repAck)
+	return c.optReply(nbdwire.OptList, nbdwire.RepAck)
 }
 
 // infoOrGo handles NBD_OPT_INFO and NBD_OPT_GO, which share their format:
 // name length, name, count of information requests, requests.
 func (c *conn) infoOrGo(sess *session, opt uint32, data []byte) (*opened, error) {
 	if len(data) < 6 {
-		return nil, c.optError(opt, repErrInvalid, "option data too short")
+		return nil, c.optError(opt, nbdwire.RepErrInvalid, "option data too short")
 	}
 	nameLen := be.Uint32(data)
 	if uint64(nameLen) > uint64(len(data)-6) {
-		return nil, c.optError(opt, repErrInvalid, "export name length exceeds the option data")
+		return nil, c.optError(opt, nbdwire.RepErrInvalid, "export name length exceeds the option data")
 	}
-	if nameLen > maxStringLen {
-		return nil, c.optError(opt, repErrInvalid, "export name longer than 4096 bytes")
+	if nameLen > nbdwire.MaxStringLen {
+		return nil, c.optError(opt, nbdwire.RepErrInvalid, "export name longer than 4096 bytes")
 	}
 	name := string(data[4 : 4+nameLen])
 	rest := data[4+nameLen:]
 	nreq := int(be.Uint16(rest))
 	if len(rest) != 2+2*nreq {
-		return nil, c.optError(opt, repErrInvalid, "information request count does not match the option length")
+		return nil, c.optError(opt, nbdwire.RepErrInvalid, "information request count does not match the option length")
 	}
 	var wantName, wantDescription bool
 	for i := range nreq {
 		switch be.Uint16(rest[2+2*i:]) {
-		case infoName:
+		case nbdwire.InfoName:
 			wantName = true
-		case infoDescription:
+		case nbdwire.InfoDescription:
 			wantDescription = true
 		}
 		// NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE are always sent; the spec
@@ -227,15 +229,15 @@ func (c *conn) infoOrGo(sess *session, opt uint32, data []byte) (*opened, error)
 		release = func() {}
 		ok      bool
 	)
-	if opt == optGo {
+	if opt == nbdwire.OptGo {
 		exp, release, ok = c.open(name)
 	} else {
 		exp, ok = c.lookup(name)
 	}
 	if !ok {
-		return nil, c.optError(opt, repErrUnknown, fmt.Sprintf("unknown export %q", name))
+		return nil, c.optError(opt, nbdwire.RepErrUnknown, fmt.Sprintf("unknown export %q", name))
 	}
-	if opt == optGo {
+	if opt == nbdwire.OptGo {
 		// Before the ACK: a Disconnect racing with this GO must find the
 		// connection (it will stop at its first request read).
 		c.s.markTransmitting(c, name)
@@ -245,13 +247,13 @@ func (c *conn) infoOrGo(sess *session, opt uint32, data []byte) (*opened, error)
 	flags := exp.Flags()
 	err := c.sendInfo(opt, exp, flags, sess, name, wantName, wantDescription)
 	if err == nil {
-		err = c.optReply(opt, repAck)
+		err = c.optReply(opt, nbdwire.RepAck)
 	}
 	if err != nil {
 		release()
 		return nil, err
 	}
-	if opt != optGo {
+	if opt != nbdwire.OptGo {
 		return nil, nil
 	}
 	c.enter(exp, flags, sess, name)
@@ -259,31 +261,31 @@ func (c *conn) infoOrGo(sess *session, opt uint32, data []byte) (*opened, error)
 }
 
 func (c *conn) sendInfo(opt uint32, exp Export, flags ExportFlags, sess *session, name string, wantName, wantDescription bool) error {
-	var export [12]byte
-	be.PutUint16(export[0:], infoExport)
+	var export [nbdwire.InfoExportLen]byte
+	be.PutUint16(export[0:], nbdwire.InfoExport)
 	be.PutUint64(export[2:], exportSize(exp))
 	be.PutUint16(export[10:], transmissionFlags(flags, sess.structured))
-	if err := c.optReply(opt, repInfo, export[:]); err != nil {
+	if err := c.optReply(opt, nbdwire.RepInfo, export[:]); err != nil {
 		return err
 	}
 	if wantName {
-		if err := c.optReply(opt, repInfo, be.AppendUint16(nil, infoName), []byte(name)); err != nil {
+		if err := c.optReply(opt, nbdwire.RepInfo, be.AppendUint16(nil, nbdwire.InfoName), []byte(name)); err != nil {
 			return err
 		}
 	}
 	if wantDescription {
-		if err := c.optReply(opt, repInfo, be.AppendUint16(nil, infoDescription), []byte(c.description(name))); err != nil {
+		if err := c.optReply(opt, nbdwire.RepInfo, be.AppendUint16(nil, nbdwire.InfoDescription), []byte(c.description(name))); err != nil {
 			return err
 		}
 	}
 	// Always sent, requested or not: the maximum (MaxPayload) is not the
 	// spec's default, so the server must advertise it.
-	var blockSize [14]byte
-	be.PutUint16(blockSize[0:], infoBlockSize)
-	be.PutUint32(blockSize[2:], 1)
+	var blockSize [nbdwire.InfoBlockSizeLen]byte
+	be.PutUint16(blockSize[0:], nbdwire.InfoBlockSize)
+	be.PutUint32(blockSize[2:], 1) // any byte offset and length
 	be.PutUint32(blockSize[6:], preferredBlockSize(exp.PreferredBlockSize(), c.s.opts.MaxPayload))
 	be.PutUint32(blockSize[10:], uint32(c.s.opts.MaxPayload))
-	return c.optReply(opt, repInfo, blockSize[:])
+	return c.optReply(opt, nbdwire.RepInfo, blockSize[:])
 }
 
 func (c *conn) description(name string) string {
@@ -330,18 +332,18 @@ func (c *conn) open(name string) (Export, func(), bool) {
 func (c *conn) startTLS(sess *session, data []byte) error {
 	switch {
 	case len(data) != 0:
-		return c.optError(optStartTLS, repErrInvalid, "NBD_OPT_STARTTLS takes no data")
+		return c.optError(nbdwire.OptStartTLS, nbdwire.RepErrInvalid, "NBD_OPT_STARTTLS takes no data")
 	case c.tlsMode == TLSOff:
-		return c.optError(optStartTLS, repErrPolicy, "TLS is not enabled on this server")
+		return c.optError(nbdwire.OptStartTLS, nbdwire.RepErrPolicy, "TLS is not enabled on this server")
 	case sess.tls:
-		return c.optError(optStartTLS, repErrInvalid, "TLS is already active")
+		return c.optError(nbdwire.OptStartTLS, nbdwire.RepErrInvalid, "TLS is already active")
 	case c.r.Buffered() != 0:
 		// The client must wait for our reply before it starts TLS; bytes
 		// already here would be plaintext smuggled into the TLS session
 		// (the STARTTLS injection attack).
 		return fmt.Errorf("nbdserver: %d bytes sent after NBD_OPT_STARTTLS before its reply", c.r.Buffered())
 	}
-	if err := c.optReply(optStartTLS, repAck); err != nil {
+	if err := c.optReply(nbdwire.OptStartTLS, nbdwire.RepAck); err != nil {
 		return err
 	}
 	tc := tls.Server(c.raw, c.s.opts.TLSConfig)
@@ -368,22 +370,22 @@ func (c *conn) startTLS(sess *session, data []byte) error {
 // names select nothing, which is not an error. SET replaces the selection
 // even when it fails, as the spec says.
 func (c *conn) metaContext(sess *session, opt uint32, data []byte) error {
-	set := opt == optSetMetaContext
+	set := opt == nbdwire.OptSetMetaContext
 	if set {
 		sess.metaExport, sess.metaContexts = "", nil
 	}
 	if !sess.structured {
-		return c.optError(opt, repErrInvalid, "negotiate NBD_OPT_STRUCTURED_REPLY before metadata contexts")
+		return c.optError(opt, nbdwire.RepErrInvalid, "negotiate NBD_OPT_STRUCTURED_REPLY before metadata contexts")
 	}
 	if len(data) < 8 {
-		return c.optError(opt, repErrInvalid, "option data too short")
+		return c.optError(opt, nbdwire.RepErrInvalid, "option data too short")
 	}
 	nameLen := be.Uint32(data)
 	if uint64(nameLen) > uint64(len(data)-8) {
-		return c.optError(opt, repErrInvalid, "export name length exceeds the option data")
+		return c.optError(opt, nbdwire.RepErrInvalid, "export name length exceeds the option data")
 	}
-	if nameLen > maxStringLen {
-		return c.optError(opt, repErrInvalid, "export name longer than 4096 bytes")
+	if nameLen > nbdwire.MaxStringLen {
+		return c.optError(opt, nbdwire.RepErrInvalid, "export name longer than 4096 bytes")
 	}
 	name := string(data[4 : 4+nameLen])
 	rest := data[4+nameLen:]
@@ -392,33 +394,33 @@ func (c *conn) metaContext(sess *session, opt uint32, data []byte) error {
 	// Each query takes at least its 4-byte length: a count the data cannot
 	// hold is refused before anything is allocated for it.
 	if uint64(nq) > uint64(len(rest)/4) {
-		return c.optError(opt, repErrInvalid, "query count exceeds the option data")
+		return c.optError(opt, nbdwire.RepErrInvalid, "query count exceeds the option data")
 	}
 	queries := make([]string, 0, nq)
 	for range nq {
 		if len(rest) < 4 {
-			return c.optError(opt, repErrInvalid, "query count exceeds the option data")
+			return c.optError(opt, nbdwire.RepErrInvalid, "query count exceeds the option data")
 		}
 		ql := be.Uint32(rest)
 		if uint64(ql) > uint64(len(rest)-4) {
-			return c.optError(opt, repErrInvalid, "query length exceeds the option data")
+			return c.optError(opt, nbdwire.RepErrInvalid, "query length exceeds the option data")
 		}
-		if ql > maxStringLen {
-			return c.optError(opt, repErrTooBig, "query longer than 4096 bytes")
+		if ql > nbdwire.MaxStringLen {
+			return c.optError(opt, nbdwire.RepErrTooBig, "query longer than 4096 bytes")
 		}
 		q := string(rest[4 : 4+ql])
 		rest = rest[4+ql:]
 		if !utf8.ValidString(q) || strings.IndexByte(q, 0) >= 0 || strings.IndexByte(q, ':') <= 0 {
-			return c.optError(opt, repErrInvalid, fmt.Sprintf("query %q is not namespace:name", errorMessage(q)))
+			return c.optError(opt, nbdwire.RepErrInvalid, fmt.Sprintf("query %q is not namespace:name", errorMessage(q)))
 		}
 		queries = append(queries, q)
 	}
 	if len(rest) != 0 {
-		return c.optError(opt, repErrInvalid, "trailing bytes after the queries")
+		return c.optError(opt, nbdwire.RepErrInvalid, "trailing bytes after the queries")
 	}
 	exp, ok := c.lookup(name)
 	if !ok {
-		return c.optError(opt, repErrUnknown, fmt.Sprintf("unknown export %q", name))
+		return c.optError(opt, nbdwire.RepErrUnknown, fmt.Sprintf("unknown export %q", name))
 	}
 	var offered []string
 	if ext, ok := exp.(Extenter); ok {
@@ -450,14 +452,14 @@ func (c *conn) metaContext(sess *session, opt uint32, data []byte) error {
 		if set {
 			id = uint32(i + 1)
 		}
-		if err := c.optReply(opt, repMetaContext, be.AppendUint32(nil, id), []byte(ctx)); err != nil {
+		if err := c.optReply(opt, nbdwire.RepMetaContext, be.AppendUint32(nil, id), []byte(ctx)); err != nil {
 			return err
 		}
 	}
 	if set {
 		sess.metaExport, sess.metaContexts = name, matched
 	}
-	return c.optReply(opt, repAck)
+	return c.optReply(opt, nbdwire.RepAck)
 }
 
 func exportSize(exp Export) uint64 {
@@ -467,23 +469,23 @@ func exportSize(exp Export) uint64 {
 // transmissionFlags is what the client is told the export can do. The
 // server rejects every command and flag it does not advertise.
 func transmissionFlags(f ExportFlags, structured bool) uint16 {
-	flags := tflagHasFlags
+	flags := nbdwire.FlagHasFlags
 	set := func(cond bool, flag uint16) {
 		if cond {
 			flags |= flag
 		}
 	}
-	set(f.ReadOnly, tflagReadOnly)
-	set(f.Flush, tflagSendFlush)
-	set(f.FUA, tflagSendFUA)
-	set(f.Trim, tflagSendTrim)
-	set(f.Zeroes, tflagSendWriteZeroes)
-	set(f.Zeroes && f.FastZero, tflagSendFastZero) // the spec: never FAST_ZERO without WRITE_ZEROES
-	set(f.Cache, tflagSendCache)
-	set(f.MultiConn, tflagCanMultiConn)
+	set(f.ReadOnly, nbdwire.FlagReadOnly)
+	set(f.Flush, nbdwire.FlagSendFlush)
+	set(f.FUA, nbdwire.FlagSendFUA)
+	set(f.Trim, nbdwire.FlagSendTrim)
+	set(f.Zeroes, nbdwire.FlagSendWriteZeroes)
+	set(f.Zeroes && f.FastZero, nbdwire.FlagSendFastZero) // the spec: never FAST_ZERO without WRITE_ZEROES
+	set(f.Cache, nbdwire.FlagSendCache)
+	set(f.MultiConn, nbdwire.FlagCanMultiConn)
 	// Reads are never fragmented, so DF costs nothing to honour; the spec
 	// allows it only with structured replies.
-	set(structured, tflagSendDF)
+	set(structured, nbdwire.FlagSendDF)
 	return flags
 }
 
@@ -491,7 +493,7 @@ func transmissionFlags(f ExportFlags, structured bool) uint16 {
 // power of two, at least 512, at most the maximum block size.
 func preferredBlockSize(preferred uint32, maxPayload int) uint32 {
 	if preferred == 0 {
-		preferred = 4096 // the spec's default
+		preferred = nbdwire.DefaultPreferredBlockSize
 	}
 	p := uint32(1) << (bits.Len32(preferred) - 1) // round down to a power of two
 	p = max(p, 512)
@@ -503,15 +505,12 @@ func preferredBlockSize(preferred uint32, maxPayload int) uint32 {
 
 // optReply sends one option reply; parts are concatenated as its data.
 func (c *conn) optReply(opt, typ uint32, parts ...[]byte) error {
-	var hdr [20]byte
+	var hdr [nbdwire.OptionReplyHeaderLen]byte
 	length := 0
 	for _, p := range parts {
 		length += len(p)
 	}
-	be.PutUint64(hdr[0:], optReplyMagic)
-	be.PutUint32(hdr[8:], opt)
-	be.PutUint32(hdr[12:], typ)
-	be.PutUint32(hdr[16:], uint32(length))
+	nbdwire.PutOptionReplyHeader(hdr[:], opt, typ, uint32(length))
 	bufs := append(net.Buffers{hdr[:]}, parts...)
 	if _, err := bufs.WriteTo(c.nc); err != nil {
 		return fmt.Errorf("nbdserver: reply to option %d: %w", opt, err)

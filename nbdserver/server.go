@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // Defaults and bounds of Options.
@@ -495,7 +497,7 @@ type conn struct {
 
 // workItem is one request handed to a worker.
 type workItem struct {
-	req     request
+	req     nbdwire.Request
 	rej     rejection
 	payload *[]byte
 	held    int64

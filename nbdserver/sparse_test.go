@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // readChunks reads a structured READ reply and reassembles it; it returns
@@ -22,11 +24,11 @@ func (rc *rawClient) readChunks(handle, off uint64, n int) ([]byte, []string) {
 		var at uint64
 		var length int
 		switch c.typ {
-		case replyTypeOffsetData:
+		case nbdwire.ReplyTypeOffsetData:
 			at, length = be.Uint64(c.payload), len(c.payload)-8
 			copy(got[at-off:], c.payload[8:])
 			desc = append(desc, fmt.Sprintf("D%d+%d", at, length))
-		case replyTypeOffsetHole:
+		case nbdwire.ReplyTypeOffsetHole:
 			if len(c.payload) != 12 {
 				rc.t.Fatalf("hole chunk of %d bytes", len(c.payload))
 			}
@@ -45,7 +47,7 @@ func (rc *rawClient) readChunks(handle, off uint64, n int) ([]byte, []string) {
 			}
 			covered[i] = true
 		}
-		if c.flags&replyFlagDone != 0 {
+		if c.flags&nbdwire.ReplyFlagDone != 0 {
 			break
 		}
 	}
@@ -81,10 +83,10 @@ func TestReadHoles(t *testing.T) {
 		{128*K - 1, 64*K + 2, 0, fmt.Sprintf("D%d+1 H%d+%d D%d+1", 128*K-1, 128*K, 64*K, 192*K)},
 		{130 * K, 64 * K, 0, fmt.Sprintf("D%d+%d", 130*K, 64*K)}, // unaligned: 62 KiB of whole blocks
 		{300 * K, 60 * K, 0, fmt.Sprintf("D%d+%d", 300*K, 60*K)},
-		{0, testSize, cmdFlagDF, fmt.Sprintf("D0+%d", testSize)},
+		{0, testSize, nbdwire.CmdFlagDF, fmt.Sprintf("D0+%d", testSize)},
 		{128 * K, 4 * K, 0, fmt.Sprintf("D%d+%d", 128*K, 4*K)}, // short reads are not scanned
 	} {
-		rc.request(cmdRead, tc.flags, uint64(i+1), uint64(tc.off), uint32(tc.n), nil)
+		rc.request(nbdwire.CmdRead, tc.flags, uint64(i+1), uint64(tc.off), uint32(tc.n), nil)
 		got, desc := rc.readChunks(uint64(i+1), uint64(tc.off), tc.n)
 		if !bytes.Equal(got, content[tc.off:tc.off+tc.n]) {
 			t.Errorf("read %d+%d: wrong bytes (chunks %v)", tc.off, tc.n, desc)
@@ -96,7 +98,7 @@ func TestReadHoles(t *testing.T) {
 
 	// Without structured replies the zeroes are data in a simple reply.
 	plain := connect(t, srv.sock, "disk", false)
-	plain.request(cmdRead, 0, 1, 128*K, 128*K, nil)
+	plain.request(nbdwire.CmdRead, 0, 1, 128*K, 128*K, nil)
 	if errno, _, data := plain.readSimple(128 * K); errno != 0 || !bytes.Equal(data, content[128*K:256*K]) {
 		t.Fatalf("simple read: errno %d", errno)
 	}

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 // testPKI is a CA, a server certificate for localhost signed by it, and a
@@ -149,8 +151,8 @@ func (p *testPKI) certDir(t testing.TB, withClient bool) string {
 // it returns the handshake error.
 func (rc *rawClient) startTLS(cfg *tls.Config) error {
 	rc.t.Helper()
-	rc.sendOption(optStartTLS, nil)
-	rc.expectOptReply(optStartTLS, repAck)
+	rc.sendOption(nbdwire.OptStartTLS, nil)
+	rc.expectOptReply(nbdwire.OptStartTLS, nbdwire.RepAck)
 	tc := tls.Client(rc.nc, cfg)
 	if err := tc.Handshake(); err != nil {
 		return err
@@ -168,21 +170,21 @@ func TestTLSRequired(t *testing.T) {
 
 	// Before TLS, nothing but STARTTLS and ABORT: not even the list.
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
 	for _, o := range []struct {
 		opt  uint32
 		data []byte
 	}{
-		{optList, nil},
-		{optInfo, infoRequest("disk")},
-		{optGo, infoRequest("disk")},
-		{optStructuredReply, nil},
-		{optListMetaContext, metaRequest("disk")},
-		{optSetMetaContext, metaRequest("disk", ContextBaseAllocation)},
+		{nbdwire.OptList, nil},
+		{nbdwire.OptInfo, infoRequest("disk")},
+		{nbdwire.OptGo, infoRequest("disk")},
+		{nbdwire.OptStructuredReply, nil},
+		{nbdwire.OptListMetaContext, metaRequest("disk")},
+		{nbdwire.OptSetMetaContext, metaRequest("disk", ContextBaseAllocation)},
 		{4242, []byte("x")},
 	} {
 		rc.sendOption(o.opt, o.data)
-		r := rc.expectOptReply(o.opt, repErrTLSReqd)
+		r := rc.expectOptReply(o.opt, nbdwire.RepErrTLSReqd)
 		if strings.Contains(string(r.data), "disk") {
 			t.Errorf("option %d: the refusal names an export: %q", o.opt, r.data)
 		}
@@ -190,52 +192,52 @@ func TestTLSRequired(t *testing.T) {
 	if n := e.opens.Load(); n != 0 {
 		t.Errorf("exports opened %d times before TLS", n)
 	}
-	rc.sendOption(optAbort, nil)
-	rc.expectOptReply(optAbort, repAck)
+	rc.sendOption(nbdwire.OptAbort, nil)
+	rc.expectOptReply(nbdwire.OptAbort, nbdwire.RepAck)
 	rc.expectEOF()
 
 	// NBD_OPT_EXPORT_NAME cannot fail politely: the session ends.
 	rc = dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optExportName, []byte("disk"))
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptExportName, []byte("disk"))
 	rc.expectEOF()
 	// So does a client without fixed newstyle, which cannot do TLS.
 	rc = dialRaw(t, srv.sock)
 	rc.handshake(0)
-	rc.sendOption(optExportName, []byte("disk"))
+	rc.sendOption(nbdwire.OptExportName, []byte("disk"))
 	rc.expectEOF()
 
 	// With TLS and a client certificate, everything works, encrypted.
 	rc = dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
 	if err := rc.startTLS(pki.clientConfig(true)); err != nil {
 		t.Fatalf("TLS handshake: %v", err)
 	}
-	rc.sendOption(optStartTLS, nil)
-	rc.expectOptReply(optStartTLS, repErrInvalid) // already active
-	rc.sendOption(optList, nil)
-	if r := rc.readOptReply(); r.typ != repServer || !strings.Contains(string(r.data), "disk") {
+	rc.sendOption(nbdwire.OptStartTLS, nil)
+	rc.expectOptReply(nbdwire.OptStartTLS, nbdwire.RepErrInvalid) // already active
+	rc.sendOption(nbdwire.OptList, nil)
+	if r := rc.readOptReply(); r.typ != nbdwire.RepServer || !strings.Contains(string(r.data), "disk") {
 		t.Fatalf("LIST over TLS: %#x %q", r.typ, r.data)
 	}
-	for r := rc.readOptReply(); r.typ != repAck; r = rc.readOptReply() {
+	for r := rc.readOptReply(); r.typ != nbdwire.RepAck; r = rc.readOptReply() {
 	}
-	rc.sendOption(optStructuredReply, nil)
-	rc.expectOptReply(optStructuredReply, repAck)
-	if sel, typ := rc.metaOption(optSetMetaContext, metaRequest("disk", ContextBaseAllocation)); typ != repAck || len(sel) != 1 {
+	rc.sendOption(nbdwire.OptStructuredReply, nil)
+	rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
+	if sel, typ := rc.metaOption(nbdwire.OptSetMetaContext, metaRequest("disk", ContextBaseAllocation)); typ != nbdwire.RepAck || len(sel) != 1 {
 		t.Fatalf("SET over TLS: %v %#x", sel, typ)
 	}
 	rc.goExport("disk", true)
 	payload := []byte(strings.Repeat("secret", 1000))
-	rc.request(cmdWrite, cmdFlagFUA, 1, 4096, uint32(len(payload)), payload)
+	rc.request(nbdwire.CmdWrite, nbdwire.CmdFlagFUA, 1, 4096, uint32(len(payload)), payload)
 	rc.expectSimple(1, 0)
-	rc.request(cmdRead, 0, 2, 4096, uint32(len(payload)), nil)
-	if c := rc.readChunk(); c.typ != replyTypeOffsetData || string(c.payload[8:]) != string(payload) {
+	rc.request(nbdwire.CmdRead, 0, 2, 4096, uint32(len(payload)), nil)
+	if c := rc.readChunk(); c.typ != nbdwire.ReplyTypeOffsetData || string(c.payload[8:]) != string(payload) {
 		t.Fatalf("read over TLS: chunk type %d", c.typ)
 	}
 	if got, errno := rc.blockStatus(3, 0, 0, 8192); errno != 0 || len(got[1]) != 2 {
 		t.Fatalf("block status over TLS: %v %d", got, errno)
 	}
-	rc.request(cmdDisc, 0, 4, 0, 0, nil)
+	rc.request(nbdwire.CmdDisc, 0, 4, 0, 0, nil)
 	rc.expectEOF()
 
 	// Without a client certificate, or with one the CA did not sign, the
@@ -246,12 +248,12 @@ func TestTLSRequired(t *testing.T) {
 		"certificate of another": {RootCAs: pki.caPool, ServerName: "localhost", Certificates: []tls.Certificate{other.client}},
 	} {
 		rc := dialRaw(t, srv.sock)
-		rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
+		rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
 		err := rc.startTLS(cfg)
 		if err == nil {
 			// TLS 1.3: the server's verdict comes with the first read.
-			b := be.AppendUint64(nil, optMagic)
-			b = be.AppendUint32(b, optList)
+			b := be.AppendUint64(nil, nbdwire.OptMagic)
+			b = be.AppendUint32(b, nbdwire.OptList)
 			b = be.AppendUint32(b, 0)
 			if _, err = rc.nc.Write(b); err == nil {
 				_, err = rc.r.ReadByte()
@@ -263,7 +265,7 @@ func TestTLSRequired(t *testing.T) {
 	}
 	// A client that does not trust the server's certificate gives up.
 	rc = dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
 	if err := rc.startTLS(other.clientConfig(true)); err == nil {
 		t.Error("handshake succeeded against an unknown CA")
 	}
@@ -271,12 +273,12 @@ func TestTLSRequired(t *testing.T) {
 	waitFor(t, "failed handshakes to close", func() bool { return len(srv.Connections()) == 0 })
 
 	tc := dialRaw(t, srv.sock)
-	tc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	tc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
 	if err := tc.startTLS(pki.clientConfig(true)); err != nil {
 		t.Fatal(err)
 	}
 	tc.goExport("disk", false)
-	tc.request(cmdRead, 0, 1, 4096, 6, nil)
+	tc.request(nbdwire.CmdRead, 0, 1, 4096, 6, nil)
 	if errno, _, data := tc.readSimple(6); errno != 0 || string(data) != "secret" {
 		t.Fatalf("read after refused handshakes: errno %d %q", errno, data)
 	}
@@ -293,12 +295,12 @@ func TestTLSOptional(t *testing.T) {
 	checkServes(t, srv.sock) // plaintext
 
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optStructuredReply, nil)
-	rc.expectOptReply(optStructuredReply, repAck)
-	rc.metaOption(optSetMetaContext, metaRequest("disk", ContextBaseAllocation))
-	rc.sendOption(optStartTLS, []byte{1})
-	rc.expectOptReply(optStartTLS, repErrInvalid)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptStructuredReply, nil)
+	rc.expectOptReply(nbdwire.OptStructuredReply, nbdwire.RepAck)
+	rc.metaOption(nbdwire.OptSetMetaContext, metaRequest("disk", ContextBaseAllocation))
+	rc.sendOption(nbdwire.OptStartTLS, []byte{1})
+	rc.expectOptReply(nbdwire.OptStartTLS, nbdwire.RepErrInvalid)
 	// No client certificate needed without peer verification.
 	if err := rc.startTLS(pki.clientConfig(false)); err != nil {
 		t.Fatal(err)
@@ -306,12 +308,12 @@ func TestTLSOptional(t *testing.T) {
 	// Structured replies and contexts were reset: simple replies, and no
 	// BLOCK_STATUS.
 	rc.goExport("disk", false)
-	rc.request(cmdRead, 0, 1, 0, 512, nil)
+	rc.request(nbdwire.CmdRead, 0, 1, 0, 512, nil)
 	if errno, _, data := rc.readSimple(512); errno != 0 || len(data) != 512 {
 		t.Fatalf("read: errno %d", errno)
 	}
-	rc.request(cmdBlockStatus, 0, 2, 0, 512, nil)
-	rc.expectSimple(2, nbdEINVAL)
+	rc.request(nbdwire.CmdBlockStatus, 0, 2, 0, 512, nil)
+	rc.expectSimple(2, nbdwire.EINVAL)
 }
 
 // TestTLSPlaintextAfterStartTLS: bytes the client sends after STARTTLS
@@ -322,12 +324,12 @@ func TestTLSPlaintextAfterStartTLS(t *testing.T) {
 	e, _, _ := twoExports(t)
 	srv := startServer(t, e, Options{TLS: TLSRequire, TLSConfig: pki.serverConfig(false)})
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	b := be.AppendUint64(nil, optMagic)
-	b = be.AppendUint32(b, optStartTLS)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	b := be.AppendUint64(nil, nbdwire.OptMagic)
+	b = be.AppendUint32(b, nbdwire.OptStartTLS)
 	b = be.AppendUint32(b, 0)
-	b = be.AppendUint64(b, optMagic) // the next option, too early
-	b = be.AppendUint32(b, optList)
+	b = be.AppendUint64(b, nbdwire.OptMagic) // the next option, too early
+	b = be.AppendUint32(b, nbdwire.OptList)
 	b = be.AppendUint32(b, 0)
 	rc.write(b)
 	rc.expectEOF()
@@ -341,9 +343,9 @@ func TestTLSHandshakeGarbage(t *testing.T) {
 	e, _, _ := twoExports(t)
 	srv := startServer(t, e, Options{TLS: TLSRequire, TLSConfig: pki.serverConfig(false)})
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optStartTLS, nil)
-	rc.expectOptReply(optStartTLS, repAck)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptStartTLS, nil)
+	rc.expectOptReply(nbdwire.OptStartTLS, nbdwire.RepAck)
 	rc.write([]byte("this is not a ClientHello, not at all, no................"))
 	b, _ := bufio.NewReader(rc.nc).ReadString(0)
 	if !strings.HasPrefix(b, "\x15") && b != "" { // a TLS alert, or nothing
@@ -359,9 +361,9 @@ func TestTLSShutdownDuringHandshake(t *testing.T) {
 	e, _, _ := twoExports(t)
 	srv := startServer(t, e, Options{TLS: TLSRequire, TLSConfig: pki.serverConfig(false)})
 	rc := dialRaw(t, srv.sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optStartTLS, nil)
-	rc.expectOptReply(optStartTLS, repAck)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	rc.sendOption(nbdwire.OptStartTLS, nil)
+	rc.expectOptReply(nbdwire.OptStartTLS, nbdwire.RepAck)
 	// No ClientHello: the server waits in its handshake until Close.
 	srv.Close()
 	rc.expectEOF()
@@ -370,16 +372,16 @@ func TestTLSShutdownDuringHandshake(t *testing.T) {
 func checkTLSServes(t *testing.T, sock string, pki *testPKI) {
 	t.Helper()
 	rc := dialRaw(t, sock)
-	rc.handshake(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
 	if err := rc.startTLS(pki.clientConfig(true)); err != nil {
 		t.Fatal(err)
 	}
 	rc.goExport("disk", false)
-	rc.request(cmdRead, 0, 1, 0, 512, nil)
+	rc.request(nbdwire.CmdRead, 0, 1, 0, 512, nil)
 	if errno, _, _ := rc.readSimple(512); errno != 0 {
 		t.Fatalf("errno %d", errno)
 	}
-	rc.request(cmdDisc, 0, 2, 0, 0, nil)
+	rc.request(nbdwire.CmdDisc, 0, 2, 0, 0, nil)
 	rc.expectEOF()
 }
 

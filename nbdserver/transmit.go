@@ -8,16 +8,9 @@ import (
 	"net"
 	"sync"
 	"time"
-)
 
-// request is one transmission-phase request header.
-type request struct {
-	flags  uint16
-	typ    uint16
-	handle uint64
-	offset uint64
-	length uint32
-}
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
+)
 
 // rejection is why the server fails a request without calling the export.
 type rejection struct {
@@ -60,44 +53,38 @@ func (c *conn) transmit() {
 // MaxInFlightBytes of payload) are in flight it stops reading until one
 // completes, which is the back-pressure the client sees.
 func (c *conn) readLoop() endReason {
-	var hdr [requestHeaderLen]byte
+	var hdr [nbdwire.RequestHeaderLen]byte
 	for {
 		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
 			return c.readFailed("request header", err)
 		}
-		if magic := be.Uint32(hdr[0:]); magic != requestMagic {
+		if magic := be.Uint32(hdr[0:]); magic != nbdwire.RequestMagic {
 			c.log.Info("nbdserver: bad request magic; disconnecting", "magic", fmt.Sprintf("%#x", magic))
 			return endProtocol
 		}
-		req := request{
-			flags:  be.Uint16(hdr[4:]),
-			typ:    be.Uint16(hdr[6:]),
-			handle: be.Uint64(hdr[8:]),
-			offset: be.Uint64(hdr[16:]),
-			length: be.Uint32(hdr[24:]),
-		}
-		if req.typ == cmdDisc {
+		req := nbdwire.ParseRequest(hdr[:])
+		if req.Type == nbdwire.CmdDisc {
 			c.log.Debug("nbdserver: client sent NBD_CMD_DISC")
 			return endDisc
 		}
 		reject := c.check(req)
 		var held int64 // payload bytes this request keeps in memory
-		if reject.errno == 0 && (req.typ == cmdRead || req.typ == cmdWrite) {
-			held = int64(req.length)
+		if reject.errno == 0 && (req.Type == nbdwire.CmdRead || req.Type == nbdwire.CmdWrite) {
+			held = int64(req.Length)
 		}
 		if !c.adm.acquire(c.stop, held) {
 			return endStopped
 		}
 		var payload *[]byte
-		if req.typ == cmdWrite && req.length > 0 {
+		if req.Type == nbdwire.CmdWrite && req.Length > 0 {
 			var err error
 			if reject.errno == 0 {
-				payload = c.s.buffers.get(int(req.length))
+				payload = c.s.buffers.get(int(req.Length))
 				_, err = io.ReadFull(c.r, *payload)
 			} else {
 				// A rejected WRITE's payload is still on the wire: consume
 				// it (without buffering it) to find the next request.
-				_, err = io.CopyN(io.Discard, c.r, int64(req.length))
+				_, err = io.CopyN(io.Discard, c.r, int64(req.Length))
 			}
 			if err != nil {
 				c.s.buffers.put(payload)
@@ -175,80 +162,80 @@ func (c *conn) drain(stopping bool) {
 
 // check validates a request against the spec and what was advertised, in
 // the order: command, support, flags, read-only, length, bounds.
-func (c *conn) check(req request) rejection {
-	const knownFlags = cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagReqOne | cmdFlagFastZero
-	if req.flags&^knownFlags != 0 {
-		return reject(nbdEINVAL, "unknown command flags %#x", req.flags&^knownFlags)
+func (c *conn) check(req nbdwire.Request) rejection {
+	const knownFlags = nbdwire.CmdFlagFUA | nbdwire.CmdFlagNoHole | nbdwire.CmdFlagDF | nbdwire.CmdFlagReqOne | nbdwire.CmdFlagFastZero
+	if req.Flags&^knownFlags != 0 {
+		return reject(nbdwire.EINVAL, "unknown command flags %#x", req.Flags&^knownFlags)
 	}
 	f := c.flags
 	var allowed uint16
 	if f.FUA {
 		// Valid on every command once advertised: some clients set it on
 		// reads and flushes, and the spec makes servers accept that.
-		allowed |= cmdFlagFUA
+		allowed |= nbdwire.CmdFlagFUA
 	}
 	supported := true
-	switch req.typ {
-	case cmdRead:
+	switch req.Type {
+	case nbdwire.CmdRead:
 		if c.structured {
-			allowed |= cmdFlagDF
+			allowed |= nbdwire.CmdFlagDF
 		}
-	case cmdWrite:
-	case cmdFlush:
+	case nbdwire.CmdWrite:
+	case nbdwire.CmdFlush:
 		supported = f.Flush
-	case cmdTrim:
+	case nbdwire.CmdTrim:
 		supported = f.Trim
-	case cmdCache:
+	case nbdwire.CmdCache:
 		supported = f.Cache
-	case cmdWriteZeroes:
+	case nbdwire.CmdWriteZeroes:
 		supported = f.Zeroes
-		allowed |= cmdFlagNoHole
+		allowed |= nbdwire.CmdFlagNoHole
 		if f.FastZero {
-			allowed |= cmdFlagFastZero
+			allowed |= nbdwire.CmdFlagFastZero
 		}
-	case cmdBlockStatus:
+	case nbdwire.CmdBlockStatus:
 		// The spec answers BLOCK_STATUS without a selected context with
 		// EINVAL.
 		if len(c.metaContexts) == 0 {
-			return reject(nbdEINVAL, "NBD_CMD_BLOCK_STATUS without a negotiated metadata context")
+			return reject(nbdwire.EINVAL, "NBD_CMD_BLOCK_STATUS without a negotiated metadata context")
 		}
-		allowed |= cmdFlagReqOne
+		allowed |= nbdwire.CmdFlagReqOne
 	default:
-		return reject(nbdEINVAL, "unknown command %d", req.typ)
+		return reject(nbdwire.EINVAL, "unknown command %d", req.Type)
 	}
 	if !supported {
-		return reject(nbdEINVAL, "%s is not supported by this export", cmdName(req.typ))
+		return reject(nbdwire.EINVAL, "%s is not supported by this export", cmdName(req.Type))
 	}
-	if bad := req.flags &^ allowed; bad != 0 {
-		return reject(nbdEINVAL, "command flags %#x are not valid for %s here", bad, cmdName(req.typ))
+	if bad := req.Flags &^ allowed; bad != 0 {
+		return reject(nbdwire.EINVAL, "command flags %#x are not valid for %s here", bad, cmdName(req.Type))
 	}
-	writes := req.typ == cmdWrite || req.typ == cmdTrim || req.typ == cmdWriteZeroes
+	writes := req.Type == nbdwire.CmdWrite || req.Type == nbdwire.CmdTrim || req.Type == nbdwire.CmdWriteZeroes
 	if writes && f.ReadOnly {
-		return reject(nbdEPERM, "%s on a read-only export", cmdName(req.typ))
+		return reject(nbdwire.EPERM, "%s on a read-only export", cmdName(req.Type))
 	}
-	if req.typ == cmdFlush {
-		if req.offset != 0 || req.length != 0 {
-			return reject(nbdEINVAL, "NBD_CMD_FLUSH with nonzero offset or length")
+	if req.Type == nbdwire.CmdFlush {
+		if req.Offset != 0 || req.Length != 0 {
+			return reject(nbdwire.EINVAL, "NBD_CMD_FLUSH with nonzero offset or length")
 		}
 		return rejection{}
 	}
 	// Only READ and WRITE carry their length as a payload; the other
 	// commands are bounded by the export size alone.
-	if (req.typ == cmdRead || req.typ == cmdWrite) && int64(req.length) > int64(c.s.opts.MaxPayload) {
-		return reject(nbdEINVAL, "%s of %d bytes exceeds the maximum block size %d", cmdName(req.typ), req.length, c.s.opts.MaxPayload)
+	if (req.Type == nbdwire.CmdRead || req.Type == nbdwire.CmdWrite) && int64(req.Length) > int64(c.s.opts.MaxPayload) {
+		return reject(nbdwire.EINVAL, "%s of %d bytes exceeds the maximum block size %d", cmdName(req.Type), req.Length, c.s.opts.MaxPayload)
 	}
-	if req.offset > c.size || uint64(req.length) > c.size-req.offset {
+	if req.Offset > c.size || uint64(req.Length) > c.size-req.Offset {
 		// The spec: ENOSPC for writes past the end, EINVAL for the rest.
-		errno := nbdEINVAL
-		if req.typ == cmdWrite || req.typ == cmdWriteZeroes {
-			errno = nbdENOSPC
+		errno := nbdwire.EINVAL
+		if req.Type == nbdwire.CmdWrite || req.Type == nbdwire.CmdWriteZeroes {
+			errno = nbdwire.ENOSPC
 		}
-		return reject(errno, "%s of %d bytes at offset %d is beyond the export size %d", cmdName(req.typ), req.length, req.offset, c.size)
+		return reject(errno, "%s of %d bytes at offset %d is beyond the export size %d", cmdName(req.Type), req.Length, req.Offset, c.size)
 	}
-	if req.typ == cmdBlockStatus && req.length == 0 {
+	if req.Type == nbdwire.CmdBlockStatus && req.Length == 0 {
 		// Every reply must hold at least one descriptor of at least one
 		// byte, which an empty range cannot have.
-		return reject(nbdEINVAL, "NBD_CMD_BLOCK_STATUS of 0 bytes")
+		return reject(nbdwire.EINVAL, "NBD_CMD_BLOCK_STATUS of 0 bytes")
 	}
 	return rejection{}
 }
@@ -259,21 +246,21 @@ func reject(errno uint32, format string, args ...any) rejection {
 
 func cmdName(typ uint16) string {
 	switch typ {
-	case cmdRead:
+	case nbdwire.CmdRead:
 		return "NBD_CMD_READ"
-	case cmdWrite:
+	case nbdwire.CmdWrite:
 		return "NBD_CMD_WRITE"
-	case cmdDisc:
+	case nbdwire.CmdDisc:
 		return "NBD_CMD_DISC"
-	case cmdFlush:
+	case nbdwire.CmdFlush:
 		return "NBD_CMD_FLUSH"
-	case cmdTrim:
+	case nbdwire.CmdTrim:
 		return "NBD_CMD_TRIM"
-	case cmdCache:
+	case nbdwire.CmdCache:
 		return "NBD_CMD_CACHE"
-	case cmdWriteZeroes:
+	case nbdwire.CmdWriteZeroes:
 		return "NBD_CMD_WRITE_ZEROES"
-	case cmdBlockStatus:
+	case nbdwire.CmdBlockStatus:
 		return "NBD_CMD_BLOCK_STATUS"
 	default:
 		return fmt.Sprintf("command %d", typ)
@@ -282,41 +269,41 @@ func cmdName(typ uint16) string {
 
 // serve runs one request in its worker and replies. held is released last,
 // after the reply (and with it the payload buffer) is gone.
-func (c *conn) serve(req request, rej rejection, payload *[]byte, held int64) {
+func (c *conn) serve(req nbdwire.Request, rej rejection, payload *[]byte, held int64) {
 	defer c.adm.release(held)
 	if rej.errno != 0 {
-		c.log.Debug("nbdserver: request rejected", "cmd", cmdName(req.typ), "offset", req.offset, "length", req.length, "errno", rej.errno, "why", rej.msg)
+		c.log.Debug("nbdserver: request rejected", "cmd", cmdName(req.Type), "offset", req.Offset, "length", req.Length, "errno", rej.errno, "why", rej.msg)
 		c.replyError(req, rej.errno, rej.msg, -1)
 		return
 	}
-	off, n := int64(req.offset), int64(req.length)
-	fua := req.flags&cmdFlagFUA != 0
+	off, n := int64(req.Offset), int64(req.Length)
+	fua := req.Flags&nbdwire.CmdFlagFUA != 0
 	var err error
 	// Zero-length requests are legal but meaningless; the spec leaves their
 	// effect to the server, which answers them without bothering the export.
-	switch req.typ {
-	case cmdRead:
+	switch req.Type {
+	case nbdwire.CmdRead:
 		c.serveRead(req)
 		return
-	case cmdBlockStatus:
+	case nbdwire.CmdBlockStatus:
 		c.serveBlockStatus(req)
 		return
-	case cmdWrite:
+	case nbdwire.CmdWrite:
 		if n > 0 {
 			err = c.exp.WriteAt(c.ctx, *payload, off, fua)
 			c.s.buffers.put(payload)
 		}
-	case cmdFlush:
+	case nbdwire.CmdFlush:
 		err = c.exp.Flush(c.ctx)
-	case cmdTrim:
+	case nbdwire.CmdTrim:
 		if n > 0 {
 			err = c.exp.Trim(c.ctx, off, n, fua)
 		}
-	case cmdWriteZeroes:
+	case nbdwire.CmdWriteZeroes:
 		if n > 0 {
-			err = c.exp.WriteZeroes(c.ctx, off, n, fua, req.flags&cmdFlagNoHole != 0, req.flags&cmdFlagFastZero != 0)
+			err = c.exp.WriteZeroes(c.ctx, off, n, fua, req.Flags&nbdwire.CmdFlagNoHole != 0, req.Flags&nbdwire.CmdFlagFastZero != 0)
 		}
-	case cmdCache:
+	case nbdwire.CmdCache:
 		if n > 0 {
 			err = c.exp.Cache(c.ctx, off, n)
 		}
@@ -325,10 +312,10 @@ func (c *conn) serve(req request, rej rejection, payload *[]byte, held int64) {
 		c.replyOK(req)
 		return
 	}
-	c.log.Debug("nbdserver: request failed", "cmd", cmdName(req.typ), "offset", req.offset, "length", req.length, "err", err)
+	c.log.Debug("nbdserver: request failed", "cmd", cmdName(req.Type), "offset", req.Offset, "length", req.Length, "err", err)
 	errOff := int64(-1)
 	var oe *OffsetError
-	if req.typ != cmdFlush && errors.As(err, &oe) && oe.Offset >= off && oe.Offset < off+n {
+	if req.Type != nbdwire.CmdFlush && errors.As(err, &oe) && oe.Offset >= off && oe.Offset < off+n {
 		errOff = oe.Offset
 	}
 	c.replyError(req, errnoOf(err), err.Error(), errOff)
@@ -336,13 +323,13 @@ func (c *conn) serve(req request, rej rejection, payload *[]byte, held int64) {
 
 // serveRead reads into a pooled buffer and sends it after the reply header
 // in one vectored write.
-func (c *conn) serveRead(req request) {
-	n := int(req.length)
+func (c *conn) serveRead(req nbdwire.Request) {
+	n := int(req.Length)
 	if n == 0 {
 		c.replyOK(req)
 		return
 	}
-	off := int64(req.offset)
+	off := int64(req.Offset)
 	bp := c.s.buffers.get(n)
 	defer c.s.buffers.put(bp)
 	buf := *bp
@@ -352,12 +339,12 @@ func (c *conn) serveRead(req request) {
 	err := c.exp.ReadAt(c.ctx, buf, off)
 	if err == nil {
 		if !c.structured {
-			var hdr [simpleReplyHeaderLen]byte
-			putSimpleReply(hdr[:], 0, req.handle)
+			var hdr [nbdwire.SimpleReplyHeaderLen]byte
+			nbdwire.PutSimpleReply(hdr[:], 0, req.Handle)
 			c.send(net.Buffers{hdr[:], buf})
 			return
 		}
-		if req.flags&cmdFlagDF == 0 && n >= minHoleRun {
+		if req.Flags&nbdwire.CmdFlagDF == 0 && n >= minHoleRun {
 			if bufs := sparseReadChunks(req, buf); bufs != nil {
 				c.send(bufs)
 				return
@@ -366,13 +353,13 @@ func (c *conn) serveRead(req request) {
 		// One content chunk, final: the data is all in memory, so no error
 		// can arise while it is sent (the spec's condition for DONE on
 		// data), and DF is honoured by construction.
-		var hdr [structuredReplyHeaderLen + 8]byte
-		putChunkHeader(hdr[:], replyFlagDone, replyTypeOffsetData, req.handle, uint32(8+n))
-		be.PutUint64(hdr[structuredReplyHeaderLen:], req.offset)
+		var hdr [nbdwire.StructuredReplyHeaderLen + 8]byte
+		nbdwire.PutChunkHeader(hdr[:], nbdwire.ReplyFlagDone, nbdwire.ReplyTypeOffsetData, req.Handle, uint32(8+n))
+		be.PutUint64(hdr[nbdwire.StructuredReplyHeaderLen:], req.Offset)
 		c.send(net.Buffers{hdr[:], buf})
 		return
 	}
-	c.log.Debug("nbdserver: read failed", "offset", req.offset, "length", req.length, "err", err)
+	c.log.Debug("nbdserver: read failed", "offset", req.Offset, "length", req.Length, "err", err)
 	errno := errnoOf(err)
 	var oe *OffsetError
 	if !c.structured || !errors.As(err, &oe) || oe.Offset < off || oe.Offset >= off+int64(n) {
@@ -383,12 +370,12 @@ func (c *conn) serveRead(req request) {
 	// at that offset, in one write so nothing interleaves mid-reply.
 	var bufs net.Buffers
 	if good := int(oe.Offset - off); good > 0 {
-		var hdr [structuredReplyHeaderLen + 8]byte
-		putChunkHeader(hdr[:], 0, replyTypeOffsetData, req.handle, uint32(8+good))
-		be.PutUint64(hdr[structuredReplyHeaderLen:], req.offset)
+		var hdr [nbdwire.StructuredReplyHeaderLen + 8]byte
+		nbdwire.PutChunkHeader(hdr[:], 0, nbdwire.ReplyTypeOffsetData, req.Handle, uint32(8+good))
+		be.PutUint64(hdr[nbdwire.StructuredReplyHeaderLen:], req.Offset)
 		bufs = append(bufs, hdr[:], buf[:good])
 	}
-	bufs = append(bufs, errorChunk(req.handle, errno, err.Error(), oe.Offset))
+	bufs = append(bufs, errorChunk(req.Handle, errno, err.Error(), oe.Offset))
 	c.send(bufs)
 }
 
@@ -399,10 +386,10 @@ func (c *conn) serveRead(req request) {
 // request's does), with no empty descriptor, neighbours of equal status
 // merged, and one descriptor only under NBD_CMD_FLAG_REQ_ONE. An export
 // error fails the whole request with one error chunk.
-func (c *conn) serveBlockStatus(req request) {
-	off, n := int64(req.offset), int64(req.length)
+func (c *conn) serveBlockStatus(req nbdwire.Request) {
+	off, n := int64(req.Offset), int64(req.Length)
 	maxExtents := maxExtentsPerContext
-	if req.flags&cmdFlagReqOne != 0 {
+	if req.Flags&nbdwire.CmdFlagReqOne != 0 {
 		maxExtents = 1
 	}
 	ext := c.exp.(Extenter) // enter selects contexts only for an Extenter
@@ -410,11 +397,11 @@ func (c *conn) serveBlockStatus(req request) {
 	for i, name := range c.metaContexts {
 		extents, err := ext.Extents(c.ctx, name, off, n, maxExtents)
 		if err != nil {
-			c.log.Debug("nbdserver: block status failed", "context", name, "offset", req.offset, "length", req.length, "err", err)
+			c.log.Debug("nbdserver: block status failed", "context", name, "offset", req.Offset, "length", req.Length, "err", err)
 			c.replyError(req, errnoOf(err), err.Error(), -1)
 			return
 		}
-		b = appendBlockStatus(b, req.handle, uint32(i+1), extents, n, maxExtents, i == len(c.metaContexts)-1)
+		b = appendBlockStatus(b, req.Handle, uint32(i+1), extents, n, maxExtents, i == len(c.metaContexts)-1)
 	}
 	c.send(net.Buffers{b})
 }
@@ -425,7 +412,7 @@ func (c *conn) serveBlockStatus(req request) {
 // which the spec makes always safe.
 func appendBlockStatus(b []byte, handle uint64, id uint32, extents []Extent, n int64, maxExtents int, final bool) []byte {
 	start := len(b)
-	b = append(b, make([]byte, structuredReplyHeaderLen)...)
+	b = append(b, make([]byte, nbdwire.StructuredReplyHeaderLen)...)
 	b = be.AppendUint32(b, id)
 	var covered int64
 	count := 0
@@ -460,9 +447,9 @@ func appendBlockStatus(b []byte, handle uint64, id uint32, extents []Extent, n i
 	}
 	var flags uint16
 	if final {
-		flags = replyFlagDone
+		flags = nbdwire.ReplyFlagDone
 	}
-	putChunkHeader(b[start:], flags, replyTypeBlockStatus, handle, uint32(len(b)-start-structuredReplyHeaderLen))
+	nbdwire.PutChunkHeader(b[start:], flags, nbdwire.ReplyTypeBlockStatus, handle, uint32(len(b)-start-nbdwire.StructuredReplyHeaderLen))
 	return b
 }
 
@@ -482,7 +469,7 @@ var zeroBlock [holeBlock]byte // read-only
 // sparseReadChunks splits a successful READ into data and hole chunks, the
 // last one final (everything is in memory, so no error can follow). It
 // returns nil when buf has no zero run worth a hole chunk.
-func sparseReadChunks(req request, buf []byte) net.Buffers {
+func sparseReadChunks(req nbdwire.Request, buf []byte) net.Buffers {
 	type segment struct {
 		start, end int // in buf
 		hole       bool
@@ -500,7 +487,7 @@ func sparseReadChunks(req request, buf []byte) net.Buffers {
 		segs = append(segs, segment{start, end, false})
 	}
 	// Block boundaries are aligned on the export, not on the request.
-	first := int((holeBlock - req.offset%holeBlock) % holeBlock)
+	first := int((holeBlock - req.Offset%holeBlock) % holeBlock)
 	addData(0, min(first, len(buf)))
 	runStart := -1 // start of the current zero run, or -1
 	for b := first; b < len(buf); b += holeBlock {
@@ -531,26 +518,26 @@ func sparseReadChunks(req request, buf []byte) net.Buffers {
 	if len(segs) == 1 && !segs[0].hole {
 		return nil
 	}
-	headers := make([]byte, 0, len(segs)*(structuredReplyHeaderLen+12))
+	headers := make([]byte, 0, len(segs)*(nbdwire.StructuredReplyHeaderLen+12))
 	bufs := make(net.Buffers, 0, 2*len(segs))
 	for i, sg := range segs {
 		var flags uint16
 		if i == len(segs)-1 {
-			flags = replyFlagDone
+			flags = nbdwire.ReplyFlagDone
 		}
 		at := len(headers)
-		off := req.offset + uint64(sg.start)
+		off := req.Offset + uint64(sg.start)
 		if sg.hole {
-			headers = headers[:at+structuredReplyHeaderLen+12]
-			putChunkHeader(headers[at:], flags, replyTypeOffsetHole, req.handle, 12)
-			be.PutUint64(headers[at+structuredReplyHeaderLen:], off)
-			be.PutUint32(headers[at+structuredReplyHeaderLen+8:], uint32(sg.end-sg.start))
+			headers = headers[:at+nbdwire.StructuredReplyHeaderLen+12]
+			nbdwire.PutChunkHeader(headers[at:], flags, nbdwire.ReplyTypeOffsetHole, req.Handle, 12)
+			be.PutUint64(headers[at+nbdwire.StructuredReplyHeaderLen:], off)
+			be.PutUint32(headers[at+nbdwire.StructuredReplyHeaderLen+8:], uint32(sg.end-sg.start))
 			bufs = append(bufs, headers[at:len(headers):len(headers)])
 			continue
 		}
-		headers = headers[:at+structuredReplyHeaderLen+8]
-		putChunkHeader(headers[at:], flags, replyTypeOffsetData, req.handle, uint32(8+sg.end-sg.start))
-		be.PutUint64(headers[at+structuredReplyHeaderLen:], off)
+		headers = headers[:at+nbdwire.StructuredReplyHeaderLen+8]
+		nbdwire.PutChunkHeader(headers[at:], flags, nbdwire.ReplyTypeOffsetData, req.Handle, uint32(8+sg.end-sg.start))
+		be.PutUint64(headers[at+nbdwire.StructuredReplyHeaderLen:], off)
 		bufs = append(bufs, headers[at:len(headers):len(headers)], buf[sg.start:sg.end])
 	}
 	return bufs
@@ -558,44 +545,44 @@ func sparseReadChunks(req request, buf []byte) net.Buffers {
 
 // replyOK sends a successful reply without payload: a simple reply, which
 // the spec allows even with structured replies, except for READ.
-func (c *conn) replyOK(req request) {
-	if c.structured && req.typ == cmdRead {
-		var hdr [structuredReplyHeaderLen]byte
-		putChunkHeader(hdr[:], replyFlagDone, replyTypeNone, req.handle, 0)
+func (c *conn) replyOK(req nbdwire.Request) {
+	if c.structured && req.Type == nbdwire.CmdRead {
+		var hdr [nbdwire.StructuredReplyHeaderLen]byte
+		nbdwire.PutChunkHeader(hdr[:], nbdwire.ReplyFlagDone, nbdwire.ReplyTypeNone, req.Handle, 0)
 		c.send(net.Buffers{hdr[:]})
 		return
 	}
-	var hdr [simpleReplyHeaderLen]byte
-	putSimpleReply(hdr[:], 0, req.handle)
+	var hdr [nbdwire.SimpleReplyHeaderLen]byte
+	nbdwire.PutSimpleReply(hdr[:], 0, req.Handle)
 	c.send(net.Buffers{hdr[:]})
 }
 
 // replyError fails a request. With structured replies the error carries its
 // message, and its offset when errOff ≥ 0.
-func (c *conn) replyError(req request, errno uint32, msg string, errOff int64) {
+func (c *conn) replyError(req nbdwire.Request, errno uint32, msg string, errOff int64) {
 	if !c.structured {
 		// A simple reply cannot carry a message; for READ it also carries
 		// no data once the error field is set.
-		var hdr [simpleReplyHeaderLen]byte
-		putSimpleReply(hdr[:], errno, req.handle)
+		var hdr [nbdwire.SimpleReplyHeaderLen]byte
+		nbdwire.PutSimpleReply(hdr[:], errno, req.Handle)
 		c.send(net.Buffers{hdr[:]})
 		return
 	}
-	c.send(net.Buffers{errorChunk(req.handle, errno, msg, errOff)})
+	c.send(net.Buffers{errorChunk(req.Handle, errno, msg, errOff)})
 }
 
 // errorChunk builds a final NBD_REPLY_TYPE_ERROR chunk, or
 // NBD_REPLY_TYPE_ERROR_OFFSET when errOff ≥ 0.
 func errorChunk(handle uint64, errno uint32, msg string, errOff int64) []byte {
 	msg = errorMessage(msg)
-	typ := replyTypeError
+	typ := nbdwire.ReplyTypeError
 	length := 6 + len(msg)
 	if errOff >= 0 {
-		typ = replyTypeErrorOffset
+		typ = nbdwire.ReplyTypeErrorOffset
 		length += 8
 	}
-	b := make([]byte, structuredReplyHeaderLen, structuredReplyHeaderLen+length)
-	putChunkHeader(b, replyFlagDone, typ, handle, uint32(length))
+	b := make([]byte, nbdwire.StructuredReplyHeaderLen, nbdwire.StructuredReplyHeaderLen+length)
+	nbdwire.PutChunkHeader(b, nbdwire.ReplyFlagDone, typ, handle, uint32(length))
 	b = be.AppendUint32(b, errno)
 	b = be.AppendUint16(b, uint16(len(msg)))
 	b = append(b, msg...)
@@ -603,20 +590,6 @@ func errorChunk(handle uint64, errno uint32, msg string, errOff int64) []byte {
 		b = be.AppendUint64(b, uint64(errOff))
 	}
 	return b
-}
-
-func putSimpleReply(b []byte, errno uint32, handle uint64) {
-	be.PutUint32(b[0:], simpleReplyMagic)
-	be.PutUint32(b[4:], errno)
-	be.PutUint64(b[8:], handle)
-}
-
-func putChunkHeader(b []byte, flags, typ uint16, handle uint64, length uint32) {
-	be.PutUint32(b[0:], structuredReplyMagic)
-	be.PutUint16(b[4:], flags)
-	be.PutUint16(b[6:], typ)
-	be.PutUint64(b[8:], handle)
-	be.PutUint32(b[16:], length)
 }
 
 // writeBatch writes queued reply buffers: one writev on a plain socket;

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 func TestReadWriteRoundTrip(t *testing.T) {
@@ -23,16 +25,16 @@ func TestReadWriteRoundTrip(t *testing.T) {
 				payload[i] = byte(i*7 + 3)
 			}
 			const off = 4097 // unaligned on purpose
-			rc.request(cmdWrite, cmdFlagFUA, 1, off, uint32(len(payload)), payload)
+			rc.request(nbdwire.CmdWrite, nbdwire.CmdFlagFUA, 1, off, uint32(len(payload)), payload)
 			rc.expectSimple(1, 0)
 			if got := disk.snapshot()[off : off+len(payload)]; !bytes.Equal(got, payload) {
 				t.Fatal("export does not hold the written bytes")
 			}
-			rc.request(cmdRead, 0, 2, off, uint32(len(payload)), nil)
+			rc.request(nbdwire.CmdRead, 0, 2, off, uint32(len(payload)), nil)
 			var got []byte
 			if structured {
 				c := rc.readChunk()
-				if c.handle != 2 || c.typ != replyTypeOffsetData || c.flags != replyFlagDone || be.Uint64(c.payload) != off {
+				if c.handle != 2 || c.typ != nbdwire.ReplyTypeOffsetData || c.flags != nbdwire.ReplyFlagDone || be.Uint64(c.payload) != off {
 					t.Fatalf("chunk handle %d type %d flags %d", c.handle, c.typ, c.flags)
 				}
 				got = c.payload[8:]
@@ -48,27 +50,27 @@ func TestReadWriteRoundTrip(t *testing.T) {
 			}
 			// Zero-length requests are answered without reaching the export.
 			calls := disk.calls.Load()
-			rc.request(cmdRead, 0, 3, 0, 0, nil)
+			rc.request(nbdwire.CmdRead, 0, 3, 0, 0, nil)
 			if structured {
-				if c := rc.readChunk(); c.handle != 3 || c.typ != replyTypeNone || c.flags != replyFlagDone {
+				if c := rc.readChunk(); c.handle != 3 || c.typ != nbdwire.ReplyTypeNone || c.flags != nbdwire.ReplyFlagDone {
 					t.Fatalf("empty read: chunk %+v", c)
 				}
 			} else {
 				rc.expectSimple(3, 0)
 			}
-			rc.request(cmdWrite, 0, 4, 0, 0, nil)
+			rc.request(nbdwire.CmdWrite, 0, 4, 0, 0, nil)
 			rc.expectSimple(4, 0)
-			rc.request(cmdTrim, 0, 5, 0, 0, nil)
+			rc.request(nbdwire.CmdTrim, 0, 5, 0, 0, nil)
 			rc.expectSimple(5, 0)
 			if n := disk.calls.Load() - calls; n != 0 {
 				t.Errorf("zero-length requests made %d export calls", n)
 			}
-			rc.request(cmdFlush, 0, 6, 0, 0, nil)
+			rc.request(nbdwire.CmdFlush, 0, 6, 0, 0, nil)
 			rc.expectSimple(6, 0)
 			if disk.flushes.Load() != 1 {
 				t.Error("flush did not reach the export")
 			}
-			rc.request(cmdDisc, 0, 7, 0, 0, nil)
+			rc.request(nbdwire.CmdDisc, 0, 7, 0, 0, nil)
 			rc.expectEOF()
 		})
 	}
@@ -92,39 +94,39 @@ func TestRequestValidation(t *testing.T) {
 		onlyIn     string // "simple" or "structured": the case holds in that mode only
 	}
 	cases := []tc{
-		{"read past end", "disk", cmdRead, 0, testSize - 10, 20, false, nbdEINVAL, ""},
-		{"read offset past end", "disk", cmdRead, 0, testSize + 1, 1, false, nbdEINVAL, ""},
-		{"read offset overflow", "disk", cmdRead, 0, 1<<64 - 100, 4096, false, nbdEINVAL, ""},
-		{"write past end", "disk", cmdWrite, 0, testSize - 10, 20, true, nbdENOSPC, ""},
-		{"write zeroes past end", "disk", cmdWriteZeroes, 0, testSize - 10, 20, false, nbdENOSPC, ""},
-		{"trim past end", "disk", cmdTrim, 0, testSize, 1, false, nbdEINVAL, ""},
-		{"cache past end", "disk", cmdCache, 0, testSize - 1, 2, false, nbdEINVAL, ""},
-		{"write on read-only", "ro", cmdWrite, 0, 0, 4096, true, nbdEPERM, ""},
-		{"trim on read-only", "ro", cmdTrim, 0, 0, 4096, false, nbdEPERM, ""},
-		{"write zeroes on read-only", "ro", cmdWriteZeroes, 0, 0, 4096, false, nbdEPERM, ""},
-		{"unknown command", "disk", 42, 0, 0, 0, false, nbdEINVAL, ""},
-		{"block status without context", "disk", cmdBlockStatus, 0, 0, 4096, false, nbdEINVAL, ""},
-		{"unknown flag", "disk", cmdRead, 1 << 9, 0, 1, false, nbdEINVAL, ""},
-		{"FUA not advertised", "plain", cmdWrite, cmdFlagFUA, 0, 1, true, nbdEINVAL, ""},
-		{"flush not advertised", "plain", cmdFlush, 0, 0, 0, false, nbdEINVAL, ""},
-		{"trim not advertised", "plain", cmdTrim, 0, 0, 1, false, nbdEINVAL, ""},
-		{"write zeroes not advertised", "plain", cmdWriteZeroes, 0, 0, 1, false, nbdEINVAL, ""},
-		{"cache not advertised", "plain", cmdCache, 0, 0, 1, false, nbdEINVAL, ""},
-		{"fast zero not advertised", "nofast", cmdWriteZeroes, cmdFlagFastZero, 0, 1, false, nbdEINVAL, ""},
-		{"NO_HOLE on write", "disk", cmdWrite, cmdFlagNoHole, 0, 1, true, nbdEINVAL, ""},
-		{"DF without structured replies", "disk", cmdRead, cmdFlagDF, 0, 1, false, nbdEINVAL, "simple"},
-		{"DF with structured replies", "disk", cmdRead, cmdFlagDF | cmdFlagFUA, 0, 4096, false, 0, "structured"},
-		{"REQ_ONE on read", "disk", cmdRead, cmdFlagReqOne, 0, 1, false, nbdEINVAL, ""},
-		{"oversized read", "disk", cmdRead, 0, 0, maxPayload + 1, false, nbdEINVAL, ""},
-		{"oversized write", "disk", cmdWrite, 0, 0, maxPayload + 1, true, nbdEINVAL, ""},
-		{"flush with a range", "disk", cmdFlush, 0, 0, 512, false, nbdEINVAL, ""},
+		{"read past end", "disk", nbdwire.CmdRead, 0, testSize - 10, 20, false, nbdwire.EINVAL, ""},
+		{"read offset past end", "disk", nbdwire.CmdRead, 0, testSize + 1, 1, false, nbdwire.EINVAL, ""},
+		{"read offset overflow", "disk", nbdwire.CmdRead, 0, 1<<64 - 100, 4096, false, nbdwire.EINVAL, ""},
+		{"write past end", "disk", nbdwire.CmdWrite, 0, testSize - 10, 20, true, nbdwire.ENOSPC, ""},
+		{"write zeroes past end", "disk", nbdwire.CmdWriteZeroes, 0, testSize - 10, 20, false, nbdwire.ENOSPC, ""},
+		{"trim past end", "disk", nbdwire.CmdTrim, 0, testSize, 1, false, nbdwire.EINVAL, ""},
+		{"cache past end", "disk", nbdwire.CmdCache, 0, testSize - 1, 2, false, nbdwire.EINVAL, ""},
+		{"write on read-only", "ro", nbdwire.CmdWrite, 0, 0, 4096, true, nbdwire.EPERM, ""},
+		{"trim on read-only", "ro", nbdwire.CmdTrim, 0, 0, 4096, false, nbdwire.EPERM, ""},
+		{"write zeroes on read-only", "ro", nbdwire.CmdWriteZeroes, 0, 0, 4096, false, nbdwire.EPERM, ""},
+		{"unknown command", "disk", 42, 0, 0, 0, false, nbdwire.EINVAL, ""},
+		{"block status without context", "disk", nbdwire.CmdBlockStatus, 0, 0, 4096, false, nbdwire.EINVAL, ""},
+		{"unknown flag", "disk", nbdwire.CmdRead, 1 << 9, 0, 1, false, nbdwire.EINVAL, ""},
+		{"FUA not advertised", "plain", nbdwire.CmdWrite, nbdwire.CmdFlagFUA, 0, 1, true, nbdwire.EINVAL, ""},
+		{"flush not advertised", "plain", nbdwire.CmdFlush, 0, 0, 0, false, nbdwire.EINVAL, ""},
+		{"trim not advertised", "plain", nbdwire.CmdTrim, 0, 0, 1, false, nbdwire.EINVAL, ""},
+		{"write zeroes not advertised", "plain", nbdwire.CmdWriteZeroes, 0, 0, 1, false, nbdwire.EINVAL, ""},
+		{"cache not advertised", "plain", nbdwire.CmdCache, 0, 0, 1, false, nbdwire.EINVAL, ""},
+		{"fast zero not advertised", "nofast", nbdwire.CmdWriteZeroes, nbdwire.CmdFlagFastZero, 0, 1, false, nbdwire.EINVAL, ""},
+		{"NO_HOLE on write", "disk", nbdwire.CmdWrite, nbdwire.CmdFlagNoHole, 0, 1, true, nbdwire.EINVAL, ""},
+		{"DF without structured replies", "disk", nbdwire.CmdRead, nbdwire.CmdFlagDF, 0, 1, false, nbdwire.EINVAL, "simple"},
+		{"DF with structured replies", "disk", nbdwire.CmdRead, nbdwire.CmdFlagDF | nbdwire.CmdFlagFUA, 0, 4096, false, 0, "structured"},
+		{"REQ_ONE on read", "disk", nbdwire.CmdRead, nbdwire.CmdFlagReqOne, 0, 1, false, nbdwire.EINVAL, ""},
+		{"oversized read", "disk", nbdwire.CmdRead, 0, 0, maxPayload + 1, false, nbdwire.EINVAL, ""},
+		{"oversized write", "disk", nbdwire.CmdWrite, 0, 0, maxPayload + 1, true, nbdwire.EINVAL, ""},
+		{"flush with a range", "disk", nbdwire.CmdFlush, 0, 0, 512, false, nbdwire.EINVAL, ""},
 		// Accepted: FUA on any command once advertised; big trims and
 		// zeroes (no payload, so MaxPayload does not bound them).
-		{"FUA on read", "disk", cmdRead, cmdFlagFUA, 0, 1, false, 0, ""},
-		{"FUA on flush", "disk", cmdFlush, cmdFlagFUA, 0, 0, false, 0, ""},
-		{"whole-export trim", "disk", cmdTrim, cmdFlagFUA, 0, testSize, false, 0, ""},
-		{"whole-export zeroes", "disk", cmdWriteZeroes, cmdFlagNoHole | cmdFlagFastZero, 0, testSize, false, 0, ""},
-		{"cache", "disk", cmdCache, 0, 0, testSize, false, 0, ""},
+		{"FUA on read", "disk", nbdwire.CmdRead, nbdwire.CmdFlagFUA, 0, 1, false, 0, ""},
+		{"FUA on flush", "disk", nbdwire.CmdFlush, nbdwire.CmdFlagFUA, 0, 0, false, 0, ""},
+		{"whole-export trim", "disk", nbdwire.CmdTrim, nbdwire.CmdFlagFUA, 0, testSize, false, 0, ""},
+		{"whole-export zeroes", "disk", nbdwire.CmdWriteZeroes, nbdwire.CmdFlagNoHole | nbdwire.CmdFlagFastZero, 0, testSize, false, 0, ""},
+		{"cache", "disk", nbdwire.CmdCache, 0, 0, testSize, false, 0, ""},
 	}
 	for _, structured := range []bool{false, true} {
 		mode := map[bool]string{false: "simple", true: "structured"}[structured]
@@ -148,26 +150,26 @@ func TestRequestValidation(t *testing.T) {
 			var errno uint32
 			var msg string
 			switch {
-			case c.typ == cmdRead && structured:
+			case c.typ == nbdwire.CmdRead && structured:
 				ch := rc.readChunk()
-				if ch.handle != 100 || ch.flags != replyFlagDone {
+				if ch.handle != 100 || ch.flags != nbdwire.ReplyFlagDone {
 					t.Fatalf("%s: chunk handle %d flags %d", c.name, ch.handle, ch.flags)
 				}
-				if ch.typ == replyTypeError {
+				if ch.typ == nbdwire.ReplyTypeError {
 					errno, msg = chunkErrno(ch)
-				} else if ch.typ != replyTypeOffsetData {
+				} else if ch.typ != nbdwire.ReplyTypeOffsetData {
 					t.Fatalf("%s: chunk type %d", c.name, ch.typ)
 				}
 			case structured && c.errno != 0:
 				ch := rc.readChunk()
-				if ch.handle != 100 || ch.typ != replyTypeError || ch.flags != replyFlagDone {
+				if ch.handle != 100 || ch.typ != nbdwire.ReplyTypeError || ch.flags != nbdwire.ReplyFlagDone {
 					t.Fatalf("%s: chunk %+v", c.name, ch)
 				}
 				errno, msg = chunkErrno(ch)
 			default:
 				var handle uint64
 				dataLen := 0
-				if c.typ == cmdRead {
+				if c.typ == nbdwire.CmdRead {
 					dataLen = int(c.length)
 				}
 				errno, handle, _ = rc.readSimple(dataLen)
@@ -185,9 +187,9 @@ func TestRequestValidation(t *testing.T) {
 				t.Errorf("%s: a rejected request reached the export", c.name)
 			}
 			// The connection is still framed: a good request after the bad one.
-			rc.request(cmdRead, 0, 101, 0, 8, nil)
+			rc.request(nbdwire.CmdRead, 0, 101, 0, 8, nil)
 			if structured {
-				if ch := rc.readChunk(); ch.handle != 101 || ch.typ != replyTypeOffsetData {
+				if ch := rc.readChunk(); ch.handle != 101 || ch.typ != nbdwire.ReplyTypeOffsetData {
 					t.Fatalf("%s: follow-up chunk %+v", c.name, ch)
 				}
 			} else if errno, handle, _ := rc.readSimple(8); errno != 0 || handle != 101 {
@@ -210,11 +212,11 @@ func TestBadRequestMagicDisconnects(t *testing.T) {
 	srv := startServer(t, e, Options{})
 	other := connect(t, srv.sock, "disk", false)
 	rc := connect(t, srv.sock, "disk", false)
-	b := be.AppendUint32(nil, requestMagic+1)
-	rc.write(append(b, make([]byte, requestHeaderLen-4)...))
+	b := be.AppendUint32(nil, nbdwire.RequestMagic+1)
+	rc.write(append(b, make([]byte, nbdwire.RequestHeaderLen-4)...))
 	rc.expectEOF()
 	// The other connection and new ones are unaffected.
-	other.request(cmdRead, 0, 1, 0, 1, nil)
+	other.request(nbdwire.CmdRead, 0, 1, 0, 1, nil)
 	if errno, handle, _ := other.readSimple(1); errno != 0 || handle != 1 {
 		t.Fatalf("other connection: errno %d handle %d", errno, handle)
 	}
@@ -226,20 +228,20 @@ func TestBackendErrorsMapToErrno(t *testing.T) {
 		err   error
 		errno uint32
 	}{
-		{fmt.Errorf("wrapped: %w", syscall.ENOSPC), nbdENOSPC},
-		{syscall.EDQUOT, nbdENOSPC},
-		{syscall.EFBIG, nbdENOSPC},
-		{syscall.EPERM, nbdEPERM},
-		{syscall.EROFS, nbdEPERM},
-		{syscall.ENOMEM, nbdENOMEM},
-		{syscall.EINVAL, nbdEINVAL},
-		{syscall.EOVERFLOW, nbdEOVERFLOW},
-		{ErrNotSupported, nbdENOTSUP},
-		{syscall.EOPNOTSUPP, nbdENOTSUP},
-		{syscall.ESHUTDOWN, nbdESHUTDOWN},
-		{syscall.ENOENT, nbdEIO}, // not an NBD errno
-		{errInjected, nbdEIO},
-		{context.Canceled, nbdEIO},
+		{fmt.Errorf("wrapped: %w", syscall.ENOSPC), nbdwire.ENOSPC},
+		{syscall.EDQUOT, nbdwire.ENOSPC},
+		{syscall.EFBIG, nbdwire.ENOSPC},
+		{syscall.EPERM, nbdwire.EPERM},
+		{syscall.EROFS, nbdwire.EPERM},
+		{syscall.ENOMEM, nbdwire.ENOMEM},
+		{syscall.EINVAL, nbdwire.EINVAL},
+		{syscall.EOVERFLOW, nbdwire.EOVERFLOW},
+		{ErrNotSupported, nbdwire.ENOTSUP},
+		{syscall.EOPNOTSUPP, nbdwire.ENOTSUP},
+		{syscall.ESHUTDOWN, nbdwire.ESHUTDOWN},
+		{syscall.ENOENT, nbdwire.EIO}, // not an NBD errno
+		{errInjected, nbdwire.EIO},
+		{context.Canceled, nbdwire.EIO},
 	}
 	for _, c := range cases {
 		if got := errnoOf(c.err); got != c.errno {
@@ -264,23 +266,23 @@ func TestBackendErrorsMapToErrno(t *testing.T) {
 			mu.Lock()
 			failWith = fmt.Errorf("injected: %w", c.err)
 			mu.Unlock()
-			for _, typ := range []uint16{cmdRead, cmdWrite, cmdFlush, cmdTrim, cmdWriteZeroes, cmdCache} {
+			for _, typ := range []uint16{nbdwire.CmdRead, nbdwire.CmdWrite, nbdwire.CmdFlush, nbdwire.CmdTrim, nbdwire.CmdWriteZeroes, nbdwire.CmdCache} {
 				handle := uint64(i*10 + int(typ))
 				var payload []byte
 				length := uint32(512)
 				switch typ {
-				case cmdWrite:
+				case nbdwire.CmdWrite:
 					payload = make([]byte, length)
 				}
 				off := uint64(512)
-				if typ == cmdFlush {
+				if typ == nbdwire.CmdFlush {
 					off, length = 0, 0
 				}
 				rc.request(typ, 0, handle, off, length, payload)
 				var errno uint32
 				if structured {
 					ch := rc.readChunk()
-					if ch.handle != handle || ch.typ != replyTypeError || ch.flags != replyFlagDone {
+					if ch.handle != handle || ch.typ != nbdwire.ReplyTypeError || ch.flags != nbdwire.ReplyFlagDone {
 						t.Fatalf("%s: chunk %+v", cmdName(typ), ch)
 					}
 					var msg string
@@ -321,38 +323,38 @@ func TestOffsetErrorPartialRead(t *testing.T) {
 	srv := startServer(t, e, Options{})
 
 	rc := connect(t, srv.sock, "disk", true)
-	rc.request(cmdRead, 0, 1, off, length, nil)
+	rc.request(nbdwire.CmdRead, 0, 1, off, length, nil)
 	// One data chunk for [off, failAt), not final, then a final
 	// ERROR_OFFSET chunk at failAt.
 	data := rc.readChunk()
-	if data.typ != replyTypeOffsetData || data.flags != 0 || be.Uint64(data.payload) != off || len(data.payload) != 8+failAt-off {
+	if data.typ != nbdwire.ReplyTypeOffsetData || data.flags != 0 || be.Uint64(data.payload) != off || len(data.payload) != 8+failAt-off {
 		t.Fatalf("data chunk type %d flags %d len %d", data.typ, data.flags, len(data.payload))
 	}
 	errc := rc.readChunk()
-	if errc.typ != replyTypeErrorOffset || errc.flags != replyFlagDone || errc.handle != 1 {
+	if errc.typ != nbdwire.ReplyTypeErrorOffset || errc.flags != nbdwire.ReplyFlagDone || errc.handle != 1 {
 		t.Fatalf("error chunk %+v", errc)
 	}
 	errno, msg := chunkErrno(errc)
-	if got := be.Uint64(errc.payload[6+len(msg):]); errno != nbdEIO || got != failAt {
+	if got := be.Uint64(errc.payload[6+len(msg):]); errno != nbdwire.EIO || got != failAt {
 		t.Fatalf("error chunk errno %d offset %d", errno, got)
 	}
 
 	// An offset outside the request is not trusted: a plain error chunk.
-	rc.request(cmdRead, 0, 2, outsideOff, length, nil)
-	if c := rc.readChunk(); c.typ != replyTypeError || c.flags != replyFlagDone {
+	rc.request(nbdwire.CmdRead, 0, 2, outsideOff, length, nil)
+	if c := rc.readChunk(); c.typ != nbdwire.ReplyTypeError || c.flags != nbdwire.ReplyFlagDone {
 		t.Fatalf("chunk type %d flags %d", c.typ, c.flags)
 	}
 	// A write failing inside its range: ERROR_OFFSET with its errno.
-	rc.request(cmdWrite, 0, 3, 0, 16, make([]byte, 16))
+	rc.request(nbdwire.CmdWrite, 0, 3, 0, 16, make([]byte, 16))
 	c := rc.readChunk()
-	if errno, msg := chunkErrno(c); c.typ != replyTypeErrorOffset || errno != nbdENOSPC || be.Uint64(c.payload[6+len(msg):]) != 5 {
+	if errno, msg := chunkErrno(c); c.typ != nbdwire.ReplyTypeErrorOffset || errno != nbdwire.ENOSPC || be.Uint64(c.payload[6+len(msg):]) != 5 {
 		t.Fatalf("write error chunk type %d errno %d", c.typ, errno)
 	}
 	// Without structured replies: a simple EIO, no data.
 	rc = connect(t, srv.sock, "disk", false)
-	rc.request(cmdRead, 0, 4, off, length, nil)
-	rc.expectSimple(4, nbdEIO)
-	rc.request(cmdRead, 0, 5, 0, 4, nil)
+	rc.request(nbdwire.CmdRead, 0, 4, off, length, nil)
+	rc.expectSimple(4, nbdwire.EIO)
+	rc.request(nbdwire.CmdRead, 0, 5, 0, 4, nil)
 	if errno, handle, _ := rc.readSimple(4); errno != 0 || handle != 5 {
 		t.Fatalf("follow-up read errno %d handle %d", errno, handle)
 	}
@@ -373,10 +375,10 @@ func TestRepliesOutOfOrder(t *testing.T) {
 	openGate := sync.OnceFunc(func() { close(gate) })
 	t.Cleanup(openGate)
 	rc := connect(t, srv.sock, "disk", false)
-	rc.request(cmdRead, 0, 1, 0, 4096, nil) // blocks in the export
+	rc.request(nbdwire.CmdRead, 0, 1, 0, 4096, nil) // blocks in the export
 	<-entered
-	rc.request(cmdWrite, 0, 2, 8192, 4, []byte("fast"))
-	rc.request(cmdRead, 0, 3, 8192, 4, nil)
+	rc.request(nbdwire.CmdWrite, 0, 2, 8192, 4, []byte("fast"))
+	rc.request(nbdwire.CmdRead, 0, 3, 8192, 4, nil)
 	// The slow read must not hold the others back. The write and the read
 	// race each other (the client sent them without waiting), so only their
 	// handles are checked, not their order or the read's data.
@@ -424,9 +426,9 @@ func TestMaxInFlightBoundsConcurrency(t *testing.T) {
 			go func() {
 				var b []byte
 				for i := range requests {
-					b = be.AppendUint32(b, requestMagic)
+					b = be.AppendUint32(b, nbdwire.RequestMagic)
 					b = be.AppendUint16(b, 0)
-					b = be.AppendUint16(b, cmdWrite)
+					b = be.AppendUint16(b, nbdwire.CmdWrite)
 					b = be.AppendUint64(b, uint64(i))
 					b = be.AppendUint64(b, uint64(i)*uint64(len(payload)))
 					b = be.AppendUint32(b, uint32(len(payload)))
@@ -470,12 +472,12 @@ func TestDiscFinishesRequestsInFlight(t *testing.T) {
 	t.Cleanup(openGate)
 	rc := connect(t, srv.sock, "disk", false)
 	for i := range 3 {
-		rc.request(cmdWrite, 0, uint64(i), uint64(i)*512, 3, []byte("abc"))
+		rc.request(nbdwire.CmdWrite, 0, uint64(i), uint64(i)*512, 3, []byte("abc"))
 	}
 	for range 3 {
 		<-entered
 	}
-	rc.request(cmdDisc, 0, 99, 0, 0, nil)
+	rc.request(nbdwire.CmdDisc, 0, 99, 0, 0, nil)
 	openGate()
 	seen := map[uint64]bool{}
 	for range 3 {
@@ -505,9 +507,9 @@ func TestAbruptCloseMidPayload(t *testing.T) {
 	e, disk, _ := twoExports(t)
 	srv := startServer(t, e, Options{})
 	rc := connect(t, srv.sock, "disk", false)
-	b := be.AppendUint32(nil, requestMagic)
+	b := be.AppendUint32(nil, nbdwire.RequestMagic)
 	b = be.AppendUint16(b, 0)
-	b = be.AppendUint16(b, cmdWrite)
+	b = be.AppendUint16(b, nbdwire.CmdWrite)
 	b = be.AppendUint64(b, 1)
 	b = be.AppendUint64(b, 0)
 	b = be.AppendUint32(b, 64<<10)
@@ -538,7 +540,7 @@ func TestAbruptCloseCancelsRequests(t *testing.T) {
 	}
 	srv := startServer(t, e, Options{})
 	rc := connect(t, srv.sock, "disk", false)
-	rc.request(cmdRead, 0, 1, 0, 512, nil)
+	rc.request(nbdwire.CmdRead, 0, 1, 0, 512, nil)
 	<-entered
 	rc.nc.Close()
 	if err := <-cancelled; !errors.Is(err, context.Canceled) {
@@ -576,7 +578,7 @@ func TestConcurrentClients(t *testing.T) {
 						p[j] = byte(rng.Uint32())
 					}
 					copy(model[blk*block:], p)
-					rc.request(cmdWrite, 0, uint64(i), base+uint64(blk*block), uint32(n), p)
+					rc.request(nbdwire.CmdWrite, 0, uint64(i), base+uint64(blk*block), uint32(n), p)
 				}
 				seen := map[uint64]bool{}
 				for range perm {
@@ -587,7 +589,7 @@ func TestConcurrentClients(t *testing.T) {
 					seen[handle] = true
 				}
 				for i := range slice / block {
-					rc.request(cmdRead, 0, uint64(i), base+uint64(i*block), block, nil)
+					rc.request(nbdwire.CmdRead, 0, uint64(i), base+uint64(i*block), block, nil)
 				}
 				for range slice / block {
 					var handle uint64
@@ -606,7 +608,7 @@ func TestConcurrentClients(t *testing.T) {
 						t.Errorf("client %d: block %d differs from the model", k, handle)
 					}
 				}
-				rc.request(cmdDisc, 0, 0, 0, 0, nil)
+				rc.request(nbdwire.CmdDisc, 0, 0, 0, 0, nil)
 				rc.expectEOF()
 			})
 		}
