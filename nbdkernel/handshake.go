@@ -8,26 +8,23 @@ import (
 	"net"
 	"time"
 
-	"github.com/pojntfx/go-nbd/pkg/protocol"
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
 var be = binary.BigEndian
 
-// Handshake constants not in go-nbd's protocol package (doc/proto.md of
+// maxReplyLen bounds one option reply's data.
+const maxReplyLen = 64 << 10
+
+// Transmission flags the kernel acts on (doc/proto.md of
 // NetworkBlockDevice/nbd).
 const (
-	flagNoZeroes            = uint16(1 << 1)
-	clientFlagFixedNewstyle = uint32(1 << 0)
-	clientFlagNoZeroes      = uint32(1 << 1)
-	maxReplyLen             = 64 << 10
-
-	// Transmission flags the kernel acts on.
-	FlagHasFlags     = protocol.NEGOTIATION_REPLY_FLAGS_HAS_FLAGS
-	FlagReadOnly     = uint16(1 << 1)
-	FlagSendFlush    = uint16(1 << 2)
-	FlagSendFUA      = uint16(1 << 3)
-	FlagSendTrim     = uint16(1 << 5)
-	FlagCanMultiConn = protocol.NEGOTIATION_REPLY_FLAGS_CAN_MULTI_CONN
+	FlagHasFlags     = nbdwire.FlagHasFlags
+	FlagReadOnly     = nbdwire.FlagReadOnly
+	FlagSendFlush    = nbdwire.FlagSendFlush
+	FlagSendFUA      = nbdwire.FlagSendFUA
+	FlagSendTrim     = nbdwire.FlagSendTrim
+	FlagCanMultiConn = nbdwire.FlagCanMultiConn
 )
 
 // Export is what the server said about an export in its NBD_OPT_GO reply.
@@ -62,28 +59,28 @@ func handshake(rw io.ReadWriter, export string) (Export, error) {
 	if _, err := io.ReadFull(rw, greeting[:]); err != nil {
 		return Export{}, fmt.Errorf("reading the greeting: %w", err)
 	}
-	if be.Uint64(greeting[0:]) != protocol.NEGOTIATION_MAGIC_OLDSTYLE || be.Uint64(greeting[8:]) != protocol.NEGOTIATION_MAGIC_OPTION {
+	if be.Uint64(greeting[0:]) != nbdwire.NBDMagic || be.Uint64(greeting[8:]) != nbdwire.OptMagic {
 		return Export{}, errors.New("not a newstyle NBD server")
 	}
 	hflags := be.Uint16(greeting[16:])
-	if hflags&protocol.NEGOTIATION_HANDSHAKE_FLAG_FIXED_NEWSTYLE == 0 {
+	if hflags&nbdwire.FlagFixedNewstyle == 0 {
 		return Export{}, errors.New("the server does not speak fixed newstyle")
 	}
-	cflags := clientFlagFixedNewstyle
-	if hflags&flagNoZeroes != 0 {
-		cflags |= clientFlagNoZeroes
+	cflags := nbdwire.FlagCFixedNewstyle
+	if hflags&nbdwire.FlagNoZeroes != 0 {
+		cflags |= nbdwire.FlagCNoZeroes
 	}
 	// NBD_OPT_GO: name, one information request (NBD_INFO_BLOCK_SIZE).
 	name := []byte(export)
 	opt := make([]byte, 0, 4+16+4+len(name)+4)
 	opt = be.AppendUint32(opt, cflags)
-	opt = be.AppendUint64(opt, protocol.NEGOTIATION_MAGIC_OPTION)
-	opt = be.AppendUint32(opt, protocol.NEGOTIATION_ID_OPTION_GO)
+	opt = be.AppendUint64(opt, nbdwire.OptMagic)
+	opt = be.AppendUint32(opt, nbdwire.OptGo)
 	opt = be.AppendUint32(opt, uint32(4+len(name)+2+2))
 	opt = be.AppendUint32(opt, uint32(len(name)))
 	opt = append(opt, name...)
 	opt = be.AppendUint16(opt, 1)
-	opt = be.AppendUint16(opt, protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE)
+	opt = be.AppendUint16(opt, nbdwire.InfoBlockSize)
 	if _, err := rw.Write(opt); err != nil {
 		return Export{}, fmt.Errorf("sending NBD_OPT_GO: %w", err)
 	}
@@ -95,10 +92,10 @@ func handshake(rw io.ReadWriter, export string) (Export, error) {
 		if _, err := io.ReadFull(rw, hdr[:]); err != nil {
 			return Export{}, fmt.Errorf("reading an option reply: %w", err)
 		}
-		if be.Uint64(hdr[0:]) != protocol.NEGOTIATION_MAGIC_REPLY {
+		if be.Uint64(hdr[0:]) != nbdwire.OptReplyMagic {
 			return Export{}, errors.New("bad option reply magic")
 		}
-		if be.Uint32(hdr[8:]) != protocol.NEGOTIATION_ID_OPTION_GO {
+		if be.Uint32(hdr[8:]) != nbdwire.OptGo {
 			return Export{}, fmt.Errorf("reply to option %d, not to NBD_OPT_GO", be.Uint32(hdr[8:]))
 		}
 		typ, n := be.Uint32(hdr[12:]), be.Uint32(hdr[16:])
@@ -110,32 +107,32 @@ func handshake(rw io.ReadWriter, export string) (Export, error) {
 			return Export{}, fmt.Errorf("reading an option reply: %w", err)
 		}
 		switch {
-		case typ == protocol.NEGOTIATION_TYPE_REPLY_ACK:
+		case typ == nbdwire.RepAck:
 			if !gotExport {
 				return Export{}, errors.New("the server acknowledged NBD_OPT_GO without NBD_INFO_EXPORT")
 			}
 			return exp, nil
-		case typ == protocol.NEGOTIATION_TYPE_REPLY_INFO:
+		case typ == nbdwire.RepInfo:
 			if len(data) < 2 {
 				return Export{}, errors.New("short NBD_REP_INFO")
 			}
 			switch be.Uint16(data) {
-			case protocol.NEGOTIATION_TYPE_INFO_EXPORT:
-				if len(data) != 12 {
+			case nbdwire.InfoExport:
+				if len(data) != nbdwire.InfoExportLen {
 					return Export{}, errors.New("bad NBD_INFO_EXPORT length")
 				}
 				exp.Size, exp.Flags = be.Uint64(data[2:]), be.Uint16(data[10:])
 				gotExport = true
-			case protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE:
-				if len(data) != 14 {
+			case nbdwire.InfoBlockSize:
+				if len(data) != nbdwire.InfoBlockSizeLen {
 					return Export{}, errors.New("bad NBD_INFO_BLOCK_SIZE length")
 				}
 				exp.MinBlock, exp.PreferredBlock, exp.MaxBlock = be.Uint32(data[2:]), be.Uint32(data[6:]), be.Uint32(data[10:])
 			}
 			// Other information (name, description) is not needed.
-		case typ&(1<<31) != 0:
+		case typ&nbdwire.RepFlagError != 0:
 			msg := string(data)
-			if typ == protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN {
+			if typ == nbdwire.RepErrUnknown {
 				return Export{}, fmt.Errorf("no such export (%s)", msg)
 			}
 			return Export{}, fmt.Errorf("the server refused NBD_OPT_GO (error %#x): %s", typ, msg)

@@ -22,7 +22,7 @@ func fakeServer(t *testing.T, conn net.Conn, replies ...[]byte) <-chan []byte {
 		var greeting []byte
 		greeting = be.AppendUint64(greeting, 0x4e42444d41474943)
 		greeting = be.AppendUint64(greeting, 0x49484156454F5054)
-		greeting = be.AppendUint16(greeting, 1|flagNoZeroes)
+		greeting = be.AppendUint16(greeting, 1|2) // FIXED_NEWSTYLE | NO_ZEROES
 		conn.Write(greeting)
 		buf := make([]byte, 4+16)
 		if _, err := io.ReadFull(conn, buf); err != nil {
