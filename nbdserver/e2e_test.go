@@ -310,6 +310,7 @@ func (f fixedExports) List() []ExportInfo { return nil }
 func runFio(t *testing.T, uri string) (string, error) {
 	return runToolErr(t, "fio",
 		"--name=nbdserver-verify",
+		"--verify_state_save=0",
 		"--ioengine=nbd",
 		"--uri="+uri,
 		"--rw=randrw",

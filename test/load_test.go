@@ -89,7 +89,7 @@ func TestLoadAndLeaks(t *testing.T) {
 	base := scrape(t, metrics, names...)
 
 	out := filepath.Join(t.TempDir(), "fio.json")
-	cmd := exec.Command(fio, "--name=load", "--ioengine=nbd", "--uri="+d.URI("load"),
+	cmd := exec.Command(fio, "--name=load", "--verify_state_save=0", "--ioengine=nbd", "--uri="+d.URI("load"),
 		"--numjobs=32", "--thread", "--iodepth=32", "--rw=randwrite", "--bs=4k",
 		"--size=8m", "--offset_increment=8m", "--verify=crc32c", "--do_verify=1",
 		"--time_based", fmt.Sprintf("--runtime=%d", *loadSeconds),

@@ -26,7 +26,7 @@ func TestProtoFioVerify30s(t *testing.T) {
 	cli(t, d, "create", "c", "--table", fmt.Sprintf("0 %d clone ./md ./dest.img ./src.img 8 0 4 hydration_threshold 1 hydration_batch_size 4", size/sector))
 	out := filepath.Join(d.Dir, "fio.json")
 	run(t, "fio",
-		"--name=verify", "--ioengine=nbd", "--uri="+d.URI("c"),
+		"--name=verify", "--verify_state_save=0", "--ioengine=nbd", "--uri="+d.URI("c"),
 		"--rw=randrw", "--bs=4k", "--iodepth=64", "--numjobs=4",
 		"--size=16m", "--offset_increment=16m",
 		"--runtime=30", "--time_based",
