@@ -480,7 +480,7 @@ func (r *registry) redirect(ctx context.Context, name string) (string, error) {
 	copied := int64(0)
 	err = hydratedExtents(ctx, p, func(off, n int64) error {
 		copied += n
-		return d.Cache(ctx, off, n)
+		return d.Cache(target.CommandCopy(ctx), off, n)
 	})
 	if err != nil {
 		return "", wrapErr(ErrInternal, err, "redirect %s: copying the regions %s holds", name, pname)
@@ -580,7 +580,7 @@ func (dm *Daemon) split(ctx context.Context, name string) error {
 		}
 		const span = 256 << 20
 		for off := int64(0); off < d.size; off += span {
-			if err := d.Cache(ctx, off, min(span, d.size-off)); err != nil {
+			if err := d.Cache(target.CommandCopy(ctx), off, min(span, d.size-off)); err != nil {
 				return wrapErr(ErrInternal, err, "split %s: hydrating", name)
 			}
 		}

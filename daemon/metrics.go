@@ -93,6 +93,7 @@ var hydratedCauses = []struct {
 	{"zero", func(s *target.CloneStats) int64 { return s.HydratedZeroBytes }},
 	{"cache", func(s *target.CloneStats) int64 { return s.HydratedCacheBytes }},
 	{"hint", func(s *target.CloneStats) int64 { return s.HydratedHintBytes }},
+	{"command", func(s *target.CloneStats) int64 { return s.HydratedCommandBytes }},
 }
 
 var metadataModes = []string{"rw", "ro", "Fail"}
@@ -208,7 +209,8 @@ func metricFamilies() []metric {
 		{
 			desc: prometheus.NewDesc("nbdclone_hydrated_bytes_total",
 				"Bytes made hydrated since the table was loaded, by cause: background copy, copy before a partial write, "+
-					"whole-region overwrite, discard or zeroing (these three copy nothing), NBD_CMD_CACHE, or a read's hint.",
+					"whole-region overwrite, discard or zeroing (these three copy nothing), NBD_CMD_CACHE, a read's hint, "+
+					"or a split or redirect command.",
 				[]string{"device", "cause"}, nil),
 			kind: prometheus.CounterValue,
 			collect: func(s deviceSample, emit func(float64, ...string)) {

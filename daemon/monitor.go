@@ -54,7 +54,8 @@ func hydratedBytes(info target.Info) int64 {
 // madeHydrated is what this target hydrated in its life, by any cause.
 func madeHydrated(s target.CloneStats) int64 {
 	return s.HydratedBackgroundBytes + s.HydratedWriteBytes + s.HydratedOverwriteBytes +
-		s.HydratedDiscardBytes + s.HydratedZeroBytes + s.HydratedCacheBytes + s.HydratedHintBytes
+		s.HydratedDiscardBytes + s.HydratedZeroBytes + s.HydratedCacheBytes + s.HydratedHintBytes +
+		s.HydratedCommandBytes
 }
 
 // observe takes one snapshot of h, d's live clone, and raises what

@@ -80,9 +80,9 @@ type clone struct {
 	completeRaised atomic.Bool
 
 	stats struct {
-		background, write, overwrite, discard, zero, cache atomic.Int64
-		sourceRead                                         atomic.Int64
-		hint                                               atomic.Int64
+		background, write, overwrite, discard, zero, cache, command atomic.Int64
+		sourceRead                                                  atomic.Int64
+		hint                                                        atomic.Int64
 	}
 
 	// A remote source's needs: its window, and CACHE batches that use it.
@@ -729,6 +729,17 @@ func (c *clone) commitIfChanged(why commitTrigger) error {
 	return c.flush(why)
 }
 
+// commandCopyKey marks a context of CommandCopy.
+type commandCopyKey struct{}
+
+// CommandCopy marks ctx for Cache calls made by an operator command (split,
+// redirect) rather than by a client: their copies leave the destination's
+// page cache once written back, as background hydration's do, and count as
+// HydratedCommandBytes.
+func CommandCopy(ctx context.Context) context.Context {
+	return context.WithValue(ctx, commandCopyKey{}, true)
+}
+
 // Cache hydrates the unhydrated regions of the range before it returns
 // (NBD_CMD_CACHE): an explicit request, served even with background
 // hydration disabled, with priority (no throttle, not held back by user
@@ -738,6 +749,7 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 	if err := c.check(off, n); err != nil {
 		return err
 	}
+	_, command := ctx.Value(commandCopyKey{}).(bool)
 	if n == 0 {
 		return nil
 	}
@@ -804,14 +816,18 @@ func (c *clone) Cache(ctx context.Context, off, n int64) error {
 		start := r
 		wg.Go(func() {
 			defer func() { <-slots }()
-			err := c.copyRegions(ctx, start, count, true)
+			err := c.copyRegions(ctx, start, count, !command)
 			c.onDemand.Add(-int64(count))
 			c.locks.UnlockRun(start, count)
 			if err != nil {
 				failed(err)
 				return
 			}
-			c.stats.cache.Add(c.geom.RangeLen(start, count))
+			if command {
+				c.stats.command.Add(c.geom.RangeLen(start, count))
+			} else {
+				c.stats.cache.Add(c.geom.RangeLen(start, count))
+			}
 		})
 		r += count
 	}
@@ -1011,6 +1027,7 @@ func (c *clone) Info() Info {
 				HydratedDiscardBytes:    c.stats.discard.Load(),
 				HydratedZeroBytes:       c.stats.zero.Load(),
 				HydratedCacheBytes:      c.stats.cache.Load(),
+				HydratedCommandBytes:    c.stats.command.Load(),
 				SourceReadBytes:         c.stats.sourceRead.Load(),
 				SourceCopyBytes:         c.copier.CopiedBytes(),
 				CopyErrors:              c.copier.Errors(),

@@ -82,6 +82,7 @@ type CloneStats struct {
 	HydratedZeroBytes       int64 `json:"hydrated_zero_bytes"`      // whole regions zeroed, nothing copied
 	HydratedCacheBytes      int64 `json:"hydrated_cache_bytes"`     // copied for NBD_CMD_CACHE
 	HydratedHintBytes       int64 `json:"hydrated_hint_bytes"`      // copied ahead of the sweep: reads hinted them
+	HydratedCommandBytes    int64 `json:"hydrated_command_bytes"`   // copied for split and redirect
 
 	SourceReadBytes int64 `json:"source_read_bytes"` // user reads served from the source
 	SourceCopyBytes int64 `json:"source_copy_bytes"` // bytes read from the source by copies

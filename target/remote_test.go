@@ -213,6 +213,14 @@ func TestRemoteSourceWindowHolesAndCache(t *testing.T) {
 	if c.md.Hydrated() != 101 || c.Info().Clone.Stats.HydratedCacheBytes != 101*4096 {
 		t.Fatalf("after CACHE: %d hydrated, %d cache bytes", c.md.Hydrated(), c.Info().Clone.Stats.HydratedCacheBytes)
 	}
+	// The same for a split or redirect counts as theirs, not a client's.
+	if err := c.Cache(CommandCopy(bg), 200*4096, 10*4096); err != nil {
+		t.Fatal(err)
+	}
+	if st := c.Info().Clone.Stats; c.md.Hydrated() != 111 || st.HydratedCommandBytes != 10*4096 || st.HydratedCacheBytes != 101*4096 {
+		t.Fatalf("after a command's CACHE: %d hydrated, %d command bytes, %d cache bytes",
+			c.md.Hydrated(), st.HydratedCommandBytes, st.HydratedCacheBytes)
+	}
 	c.Message(bg, []string{"enable_hydration"})
 	waitHydrated(t, c, 30*time.Second)
 	if !bytes.Equal(f.destContent(t), f.srcData) {

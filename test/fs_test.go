@@ -149,11 +149,12 @@ func TestFilesystemFlow(t *testing.T) {
 	// Every region was hydrated once, by one cause, and the source was read
 	// only for the copies.
 	if sum := s.HydratedBackgroundBytes + s.HydratedWriteBytes + s.HydratedOverwriteBytes + s.HydratedDiscardBytes +
-		s.HydratedZeroBytes + s.HydratedCacheBytes + s.HydratedHintBytes; sum != size {
+		s.HydratedZeroBytes + s.HydratedCacheBytes + s.HydratedHintBytes + s.HydratedCommandBytes; sum != size {
 		t.Errorf("hydrated bytes by cause add up to %d, want the device size %d", sum, size)
 	}
 	// A copy reads the source's data and zeroes its holes (SEEK_HOLE).
-	if copied := s.HydratedBackgroundBytes + s.HydratedWriteBytes + s.HydratedCacheBytes + s.HydratedHintBytes; s.SourceCopyBytes+s.SourceHoleBytes != copied {
+	if copied := s.HydratedBackgroundBytes + s.HydratedWriteBytes + s.HydratedCacheBytes + s.HydratedHintBytes +
+		s.HydratedCommandBytes; s.SourceCopyBytes+s.SourceHoleBytes != copied {
 		t.Errorf("source_copy_bytes %d + source_hole_bytes %d, but copies hydrated %d bytes", s.SourceCopyBytes, s.SourceHoleBytes, copied)
 	}
 	if s.SourceCopyBytes+s.HydratedDiscardBytes > size {
