@@ -76,7 +76,8 @@ type SourceCacheReporter interface {
 // Handle returns a Reader for one user. Its Close calls release (once)
 // instead of closing the shared reader: the owner closes that with Close
 // when the last user left. A handle of a remote source is also a Remote and
-// an Identifier; every handle is a Mapper and a ContextReader.
+// an Identifier, one of a local file has its descriptor (Fd); every handle
+// is a Mapper and a ContextReader.
 func (s *SharedSource) Handle(release func()) Reader {
 	s.mu.Lock()
 	s.users++
@@ -84,6 +85,9 @@ func (s *SharedSource) Handle(release func()) Reader {
 	h := &sourceHandle{s: s, release: release}
 	if _, ok := s.src.(Remote); ok {
 		return &remoteHandle{h}
+	}
+	if _, ok := s.src.(interface{ Fd() uintptr }); ok {
+		return &fileHandle{h}
 	}
 	return h
 }
@@ -319,6 +323,13 @@ func (h *sourceHandle) Close() error {
 // remoteHandle is a handle of a remote source: it keeps the source's
 // window, so a clone hides its round trips as it would without sharing.
 type remoteHandle struct{ *sourceHandle }
+
+// fileHandle is a handle of a local file or block device: it gives the
+// copier the descriptor for copy_file_range, which bypasses the cache (the
+// kernel's page cache shares a local source between clones already).
+type fileHandle struct{ *sourceHandle }
+
+func (h *fileHandle) Fd() uintptr { return h.s.src.(interface{ Fd() uintptr }).Fd() }
 
 func (h *remoteHandle) Window() (int64, int64)   { return h.s.src.(Remote).Window() }
 func (h *remoteHandle) RemoteStats() RemoteStats { return h.s.src.(Remote).RemoteStats() }

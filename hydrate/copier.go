@@ -65,6 +65,13 @@ type Copier struct {
 	// wb drops copied chunks from the destination's page cache once
 	// written back; nil when the destination has no descriptor.
 	wb *writeback
+	// srcFd, when the source and the destination are both regular files,
+	// is the source's descriptor: chunks are copied in the kernel with
+	// copy_file_range (no copy through user memory; a reflink where the
+	// filesystem shares extents). -1 otherwise, or once the kernel said it
+	// cannot (noCFR).
+	srcFd int
+	noCFR atomic.Bool
 
 	copiedBytes atomic.Int64
 	holeBytes   atomic.Int64
@@ -77,12 +84,14 @@ func NewCopier(src io.ReaderAt, dst io.WriterAt, opts CopierOptions) *Copier {
 	if chunk <= 0 {
 		chunk = DefaultChunk
 	}
-	c := &Copier{src: src, dst: dst, chunk: chunk, fd: -1, observeRead: opts.ObserveRead}
+	c := &Copier{src: src, dst: dst, chunk: chunk, fd: -1, srcFd: -1, observeRead: opts.ObserveRead}
 	if f, ok := dst.(interface{ Fd() uintptr }); ok {
 		c.fd = int(f.Fd())
-		var st unix.Stat_t
-		if unix.Fstat(c.fd, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
+		if isRegular(c.fd) {
 			c.writer = make(chan struct{}, 1)
+			if s, ok := src.(interface{ Fd() uintptr }); ok && isRegular(int(s.Fd())) {
+				c.srcFd = int(s.Fd())
+			}
 		}
 		behind := opts.EvictBehind
 		if behind == 0 {
@@ -237,15 +246,24 @@ func (c *Copier) copyParallel(ctx context.Context, off, n int64, evict bool) err
 
 func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64, evict bool) error {
 	start := time.Now()
-	_, err := blockdev.ReadFullAt(ctx, c.src, buf, off)
-	if c.observeRead != nil {
-		c.observeRead(time.Since(start))
-	}
-	if err != nil {
-		return fmt.Errorf("hydrate: read source at %d+%d: %w", off, len(buf), err)
-	}
-	if err := c.write(buf, off); err != nil {
-		return fmt.Errorf("hydrate: write destination at %d+%d: %w", off, len(buf), err)
+	if done, err := c.copyInKernel(off, int64(len(buf))); done || err != nil {
+		if c.observeRead != nil {
+			c.observeRead(time.Since(start)) // the in-kernel copy, reading included
+		}
+		if err != nil {
+			return fmt.Errorf("hydrate: copy_file_range at %d+%d: %w", off, len(buf), err)
+		}
+	} else {
+		_, err := blockdev.ReadFullAt(ctx, c.src, buf, off)
+		if c.observeRead != nil {
+			c.observeRead(time.Since(start))
+		}
+		if err != nil {
+			return fmt.Errorf("hydrate: read source at %d+%d: %w", off, len(buf), err)
+		}
+		if err := c.write(buf, off); err != nil {
+			return fmt.Errorf("hydrate: write destination at %d+%d: %w", off, len(buf), err)
+		}
 	}
 	if c.fd >= 0 {
 		// Start writing the chunk back now, as nbdcopy does: dirty pages
@@ -259,6 +277,44 @@ func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64, evict boo
 	}
 	c.copiedBytes.Add(int64(len(buf)))
 	return nil
+}
+
+// isRegular reports whether fd is a regular file.
+func isRegular(fd int) bool {
+	var st unix.Stat_t
+	return unix.Fstat(fd, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG
+}
+
+// copyInKernel copies [off, off+n) with copy_file_range where the source
+// and the destination are regular files. done is false when it did not try
+// (or the kernel cannot do it for these files: then never again, and
+// nothing was written); a source that ends early is an error, as a short
+// read is.
+func (c *Copier) copyInKernel(off, n int64) (done bool, err error) {
+	if c.srcFd < 0 || c.noCFR.Load() {
+		return false, nil
+	}
+	if c.writer != nil {
+		c.writer <- struct{}{}
+		defer func() { <-c.writer }()
+	}
+	roff, woff := off, off
+	for n > 0 {
+		k, err := unix.CopyFileRange(c.srcFd, &roff, c.fd, &woff, int(n), 0)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil && roff == off && (err == unix.EXDEV || err == unix.EINVAL || err == unix.EOPNOTSUPP || err == unix.ENOSYS):
+			c.noCFR.Store(true) // nothing copied yet: the read/write path takes over
+			return false, nil
+		case err != nil:
+			return true, err
+		case k == 0:
+			return true, io.ErrUnexpectedEOF // the source ends before the range does
+		}
+		n -= int64(k)
+	}
+	return true, nil
 }
 
 // write writes buf at off, one writer at a time where that is what the
