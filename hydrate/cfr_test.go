@@ -25,9 +25,20 @@ func (s *fdOnlySource) ReadAt(p []byte, off int64) (int, error) {
 	return s.f.ReadAt(p, off)
 }
 
-func tempFile(t *testing.T, name string, data []byte, size int64) *os.File {
+// randomData is n reproducible random bytes.
+func randomData(n int64, seed uint64) []byte {
+	data := make([]byte, n)
+	rng := rand.New(rand.NewPCG(seed, seed+1))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	return data
+}
+
+// tempFile creates dir/name holding data, sized to size.
+func tempFile(t *testing.T, dir, name string, data []byte, size int64) *os.File {
 	t.Helper()
-	f, err := os.Create(filepath.Join(t.TempDir(), name))
+	f, err := os.Create(filepath.Join(dir, name))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,13 +54,9 @@ func tempFile(t *testing.T, name string, data []byte, size int64) *os.File {
 
 func TestCopierCopiesFilesInTheKernel(t *testing.T) {
 	const size = 8<<20 + 12345
-	data := make([]byte, size)
-	rng := rand.New(rand.NewPCG(3, 4))
-	for i := range data {
-		data[i] = byte(rng.Uint32())
-	}
-	src := &fdOnlySource{f: tempFile(t, "src.img", data, size)}
-	dst := tempFile(t, "dst.img", nil, size)
+	data := randomData(size, 3)
+	src := &fdOnlySource{f: tempFile(t, t.TempDir(), "src.img", data, size)}
+	dst := tempFile(t, t.TempDir(), "dst.img", nil, size)
 	c := NewCopier(src, dst, CopierOptions{Chunk: 1 << 20})
 	defer c.Close()
 	if err := c.Copy(context.Background(), 4096, size-4096); err != nil {
@@ -72,7 +79,7 @@ func TestCopierCopiesFilesInTheKernel(t *testing.T) {
 
 	// A source that ends before the range does fails the copy, as a short
 	// read does: nothing past its end reads as zeroes.
-	short := &fdOnlySource{f: tempFile(t, "short.img", data[:1<<20], 1<<20)}
+	short := &fdOnlySource{f: tempFile(t, t.TempDir(), "short.img", data[:1<<20], 1<<20)}
 	c2 := NewCopier(short, dst, CopierOptions{Chunk: 1 << 20})
 	defer c2.Close()
 	if err := c2.Copy(context.Background(), 512<<10, 1<<20); !errors.Is(err, io.ErrUnexpectedEOF) {

@@ -3,9 +3,7 @@ package hydrate
 import (
 	"bytes"
 	"context"
-	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"unsafe"
@@ -52,20 +50,9 @@ func copyToFile(t *testing.T, dir string, size, evictBehind int64, cached bool) 
 	if st.Type == unix.TMPFS_MAGIC {
 		t.Fatalf("%s is tmpfs: its pages cannot be dropped; run the test on a disk filesystem", dir)
 	}
-	data := make([]byte, size)
-	rng := rand.New(rand.NewPCG(1, 2))
-	for i := range data {
-		data[i] = byte(rng.Uint32())
-	}
-	path := filepath.Join(dir, "dst.img")
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
+	data := randomData(size, 1)
+	f := tempFile(t, dir, "dst.img", nil, size)
+	path := f.Name()
 	c := NewCopier(bytes.NewReader(data), f, CopierOptions{Chunk: 1 << 20, EvictBehind: evictBehind})
 	defer c.Close()
 	run := c.Copy
