@@ -539,10 +539,11 @@ func (s *Store) chunkWordCount(c uint64) uint64 {
 }
 
 func chunkKey(c uint64) []byte {
-	k := make([]byte, len(prefixBitmap)+8)
-	copy(k, prefixBitmap)
-	binary.BigEndian.PutUint64(k[len(prefixBitmap):], c)
-	return k
+	return appendChunkKey(make([]byte, 0, len(prefixBitmap)+8), c)
+}
+
+func appendChunkKey(dst []byte, c uint64) []byte {
+	return binary.BigEndian.AppendUint64(append(dst, prefixBitmap...), c)
 }
 
 // Superblock returns the store's header.
@@ -637,8 +638,8 @@ type Syncer interface{ Sync() error }
 
 // Commit makes the bitmap durable: dirty chunks are snapshotted, dest is
 // synced, then the chunks are written. The dirty chunks go in batches of
-// at most commitBatchChunks chunks and about commitBatchBytes coded
-// bytes, each snapshotted, synced and written in turn, so a commit that
+// at most Options.CommitBatchChunks chunks and about commitBatchBytes
+// coded bytes, each snapshotted, synced and written in turn, so a commit that
 // rewrites every chunk of a large bitmap holds one batch in memory, not
 // all of them. It does nothing if nothing changed. On failure the store
 // aborts the transaction (reloads the committed bitmap) and goes ro, or
@@ -758,8 +759,7 @@ func (s *Store) newCommitBatch() *commitBatch {
 
 func (b *commitBatch) add(c uint64, words []uint64, full, isNew bool) {
 	k := len(b.buf)
-	b.buf = append(b.buf, prefixBitmap...)
-	b.buf = binary.BigEndian.AppendUint64(b.buf, c)
+	b.buf = appendChunkKey(b.buf, c)
 	v := len(b.buf)
 	b.buf = appendChunk(b.buf, words, full)
 	b.entries = append(b.entries, Entry{Key: b.buf[k:v:v], Value: b.buf[v:len(b.buf):len(b.buf)]})
