@@ -12,25 +12,28 @@ import (
 
 // The daemon's soft memory limit (debug.SetMemoryLimit). Without one the
 // garbage collector lets the heap grow to twice the live heap (GOGC=100):
-// with a 1 TiB clone of 4 KiB regions that doubles its 32 MiB bitmap and
-// its metadata store's buffers, and peak RSS with them. The limit follows
+// with a 1 TiB clone of 4 KiB regions being hydrated at random, about
+// 110 MiB live (its 32 MiB bitmap, badger's memtables, table builders and
+// compactions, a commit batch) becomes 300 MiB of RSS. The limit follows
 // what the devices hold:
 //
-//	limit = memLimitBase + Σ over clone tables (bitmap bytes + memLimitPerStore)
+//	limit = memLimitBase + Σ over built clone tables (2 × bitmap bytes + memLimitPerStore)
 //
 // never below memLimitFloor. memLimitBase is the daemon itself (runtime,
 // NBD request buffers, control API). A clone holds its in-core bitmap (one
-// bit per region, for as long as the table is built) and a metadata store:
-// badger's memtable arenas, the table builders of its flushes and
-// compactions and a commit batch, about 20–45 MiB while commits rewrite
-// thousands of chunks per second, far less when idle. The limit is soft:
-// the heap may exceed it (the collector then runs more often, bounded by
-// the runtime to about half the CPU), it never fails an allocation. A
-// GOMEMLIMIT in the environment wins: the daemon then leaves the limit
-// alone.
+// bit per region, for as long as the table is built) and a metadata store
+// whose busy-time memory grows with the bitmap: commits rewrite every
+// dirty chunk and badger flushes and compacts them, so the store of a
+// randomly hydrated bitmap needs about as much again as the bitmap, plus
+// a fixed part (memtables, pooled table builders). A limit below what is
+// live only burns CPU: the collector runs back to back (the runtime caps it
+// at about half the CPU, then lets the heap exceed the limit), which cut
+// the M1 hydration rate to a third at 96 MiB for 1 TiB. The limit is soft:
+// it never fails an allocation. A GOMEMLIMIT in the environment wins: the
+// daemon then leaves the limit alone.
 const (
-	memLimitBase     = 32 << 20
-	memLimitPerStore = 32 << 20
+	memLimitBase     = 48 << 20
+	memLimitPerStore = 16 << 20
 	memLimitFloor    = 64 << 20
 )
 
@@ -39,7 +42,7 @@ const (
 func memoryLimit(bitmapBytes []int64) int64 {
 	limit := int64(memLimitBase)
 	for _, b := range bitmapBytes {
-		limit += b + memLimitPerStore
+		limit += 2*b + memLimitPerStore
 	}
 	return max(limit, memLimitFloor)
 }

@@ -17,9 +17,11 @@ func TestMemoryLimitFormula(t *testing.T) {
 		want    int64
 	}{
 		{"no clone: the floor", nil, memLimitFloor},
-		{"a tiny clone", []int64{8}, 32*mib + 8 + 32*mib},
-		{"1 TiB, 4 KiB regions", []int64{tib}, 32*mib + tib + 32*mib},
-		{"two clones", []int64{tib, 8 * mib}, 32*mib + tib + 32*mib + 8*mib + 32*mib},
+		{"a tiny clone", []int64{8}, 64*mib + 16},
+		{"two tiny clones", []int64{8, 8}, 48*mib + 2*(16*mib+16)},
+		{"1 TiB, 4 KiB regions", []int64{tib}, 128 * mib},
+		{"256 GiB", []int64{8 * mib}, 80 * mib},
+		{"two clones", []int64{tib, 8 * mib}, 48*mib + 2*tib + 16*mib + 2*8*mib + 16*mib},
 	} {
 		if got := memoryLimit(tc.bitmaps); got != tc.want {
 			t.Errorf("%s: limit %d MiB, want %d MiB", tc.name, got/mib, tc.want/mib)
@@ -68,7 +70,7 @@ func TestDaemonMemoryLimitFollowsDevices(t *testing.T) {
 	if _, err := c.Create(ctx, "a", "0 131072 clone md dst src 8", "/data"); err != nil { // 64 MiB: 2 KiB of bitmap
 		t.Fatal(err)
 	}
-	want := int64(memLimitBase + memLimitPerStore + 2048)
+	want := int64(memLimitBase + 2*2048 + memLimitPerStore)
 	if got := limit(); got != want {
 		t.Fatalf("after a clone: limit %d, want %d", got, want)
 	}
@@ -78,14 +80,14 @@ func TestDaemonMemoryLimitFollowsDevices(t *testing.T) {
 	if _, err := c.Create(ctx, "other", "0 64 fake", ""); err != nil {
 		t.Fatal(err)
 	}
-	want2 := want + memLimitPerStore + 512
+	want2 := int64(memLimitBase + 2*2048 + memLimitPerStore + 2*512 + memLimitPerStore)
 	if got := limit(); got != want2 {
 		t.Fatalf("after a second clone and a device of another type: limit %d, want %d", got, want2)
 	}
 	if err := c.Remove(ctx, "a", false); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := limit(), int64(memLimitBase+memLimitPerStore+512); got != want {
+	if got, want := limit(), int64(memLimitBase+2*512+memLimitPerStore); got != want {
 		t.Fatalf("after removing the first clone: limit %d, want %d", got, want)
 	}
 	if err := c.Remove(ctx, "b", false); err != nil {
