@@ -31,8 +31,9 @@ type Daemon struct {
 	att       *attacher   // /dev/nbdX attachments (attach.go)
 	auto      *autoLinear // events and auto_linear swaps (autolinear.go)
 	events    *eventRunner
-	bus       *eventBus // every event, fanned out (events.go)
-	mon       *monitor  // hydration events, rate and ETA (monitor.go)
+	bus       *eventBus   // every event, fanned out (events.go)
+	mon       *monitor    // hydration events, rate and ETA (monitor.go)
+	mem       *memLimiter // the runtime's soft memory limit (memlimit.go)
 
 	ready chan struct{} // closed once every listener is up and devices are restored
 	done  chan struct{} // closed when Run returns
@@ -58,6 +59,7 @@ func New(cfg Config) (*Daemon, error) {
 		log:   cfg.Logger,
 		ready: make(chan struct{}),
 		done:  make(chan struct{}),
+		mem:   newMemLimiter(cfg.Logger),
 	}
 	tlsMode, tlsConfig, err := cfg.TLS.server()
 	if err != nil {
@@ -225,6 +227,8 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	if err := d.reg.state.ensure(); err != nil {
 		return err
 	}
+	d.mem.start()
+	defer d.mem.stop()
 	if err := d.reg.restore(ctx); err != nil {
 		d.shutdown(nil, nil, nil)
 		if ctx.Err() != nil {
@@ -232,6 +236,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 		}
 		return err
 	}
+	d.mem.update(d.reg.all())
 
 	// Serve.
 	fatal := make(chan error, len(listeners)+1)

@@ -64,7 +64,12 @@ func (d *Daemon) hookUp() {
 		attached:          d.att.attachedTo,
 		removing:          d.att.removing,
 		autoLinearPending: d.auto.pending,
-		event:             d.bus.publish,
+		event: func(ev Event) {
+			// Devices come, go and change tables with events: the
+			// memory limit follows them.
+			d.mem.update(d.reg.all())
+			d.bus.publish(ev)
+		},
 	}
 	d.collector.bus, d.collector.mon = d.bus, d.mon
 }

@@ -35,23 +35,28 @@ const (
 // encodeChunk encodes a chunk's words; full means every region of the
 // chunk is hydrated (the last chunk's padding bits are not).
 func encodeChunk(words []uint64, full bool) []byte {
-	if full {
-		return []byte{chunkAllOnes}
-	}
-	if v := encodeRice(words); v != nil {
-		return v
-	}
-	v := make([]byte, 1+8*len(words))
-	v[0] = chunkRaw
-	for i, w := range words {
-		binary.LittleEndian.PutUint64(v[1+8*i:], w)
-	}
-	return v
+	return appendChunk(nil, words, full)
 }
 
-// encodeRice returns the Rice encoding of words, or nil when it would not
-// be smaller than the raw one.
-func encodeRice(words []uint64) []byte {
+// appendChunk appends the encoding of a chunk's words to dst (a commit
+// encodes a whole batch into one buffer).
+func appendChunk(dst []byte, words []uint64, full bool) []byte {
+	if full {
+		return append(dst, chunkAllOnes)
+	}
+	if v, ok := appendRice(dst, words); ok {
+		return v
+	}
+	dst = append(dst, chunkRaw)
+	for _, w := range words {
+		dst = binary.LittleEndian.AppendUint64(dst, w)
+	}
+	return dst
+}
+
+// appendRice appends the Rice encoding of words to dst, or returns dst
+// unchanged and false when it would not be smaller than the raw one.
+func appendRice(dst []byte, words []uint64) ([]byte, bool) {
 	nbits := uint64(len(words)) * 64
 	var set uint64
 	for _, w := range words {
@@ -64,16 +69,21 @@ func encodeRice(words []uint64) []byte {
 	}
 	k := riceParameter(nbits, count)
 	rawLen := 1 + 8*len(words)
-	// The coded size is count*(k+1) bits plus the unary parts; allocate
-	// for the estimate and give up once the raw size is reached.
-	estimate := 3 + binary.MaxVarintLen64 + int(count*uint64(k+2)/8)
-	w := bitWriter{buf: make([]byte, 3, min(estimate, rawLen)+8)}
-	w.buf[0], w.buf[1], w.buf[2] = chunkRice, flags, byte(k)
+	start := len(dst)
+	w := bitWriter{buf: dst}
+	if dst == nil {
+		// The coded size is count*(k+1) bits plus the unary parts;
+		// allocate for the estimate and give up once the raw size is
+		// reached.
+		estimate := 3 + binary.MaxVarintLen64 + int(count*uint64(k+2)/8)
+		w.buf = make([]byte, 0, min(estimate, rawLen)+8)
+	}
+	w.buf = append(w.buf, chunkRice, flags, byte(k))
 	w.buf = binary.AppendUvarint(w.buf, count)
 	next := uint64(0) // first position the next gap counts from
 	for i, word := range words {
-		if len(w.buf) >= rawLen {
-			return nil
+		if len(w.buf)-start >= rawLen {
+			return dst, false
 		}
 		word ^= flip
 		for word != 0 {
@@ -86,10 +96,10 @@ func encodeRice(words []uint64) []byte {
 		}
 	}
 	v := w.finish()
-	if len(v) >= rawLen {
-		return nil
+	if len(v)-start >= rawLen {
+		return dst, false
 	}
-	return v
+	return v, true
 }
 
 // riceParameter picks k close to the optimum for geometric gaps with the

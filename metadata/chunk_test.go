@@ -283,3 +283,30 @@ func TestCommitManyChunks(t *testing.T) {
 type nopSyncer struct{}
 
 func (nopSyncer) Sync() error { return nil }
+
+// TestAppendChunk: a commit codes its chunks one after another into one
+// buffer; appending must code exactly as encodeChunk and leave what the
+// buffer held, whether it has room or must grow mid-chunk.
+func TestAppendChunk(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	cases := chunkCases(rng)
+	dense := make([]uint64, chunkWords)
+	for i := range dense {
+		dense[i] = rng.Uint64() // half the bits: coded raw
+	}
+	cases["half random"] = dense
+	for name, words := range cases {
+		for _, full := range []bool{false, true} {
+			want := encodeChunk(words, full)
+			for _, room := range []int{0, 3, 1 + 8*len(words) + 64} {
+				buf := make([]byte, 5, 5+room)
+				copy(buf, "head:")
+				buf = appendChunk(buf, words, full)
+				if string(buf[:5]) != "head:" || !bytes.Equal(buf[5:], want) {
+					t.Fatalf("%s (full %v, room %d): appended %d bytes, differ from encodeChunk's %d",
+						name, full, room, len(buf)-5, len(want))
+				}
+			}
+		}
+	}
+}

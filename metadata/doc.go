@@ -9,6 +9,16 @@
 //     bit therefore reaches the store only after the data that made it true
 //     is durable on the destination. A crash at any point leaves every
 //     persisted bit backed by durable data.
+//   - Commits go in bounded batches (at most CommitBatchChunks chunks and
+//     about 1 MiB coded each): snapshot the batch, sync the destination,
+//     write the batch; then the next. Memory holds one batch, not every
+//     dirty chunk (a random 10% hydration of 1 TiB dirties all 8192 chunks
+//     of a 4 KiB-region bitmap). This is safe because each chunk stands
+//     alone and bits only go from 0 to 1: every batch written says only
+//     what the destination already held at its sync, so a crash or failure
+//     after some batches leaves the store claiming less than the
+//     destination holds, never more. A failed batch aborts the commit as
+//     below; the batches before it stay committed and are counted as such.
 //   - Bits only go from 0 to 1 while in rw mode; nothing is written in ro or
 //     Fail mode. A failed commit reloads the committed bitmap (bits since the
 //     last commit are dropped: those regions read from the source again) and
@@ -21,8 +31,9 @@
 //     store. A stored chunk is coded (chunk.go: all ones in one byte, sparse
 //     or dense bits Rice-coded, raw only when coding would not be smaller);
 //     decoding refuses anything malformed with ErrCorrupt, never panics.
-//     Version 1 stores (raw chunks only) are read and upgraded at open. Once every region is hydrated and committed the in-core bitmap
-//     is released (dm-clone known issue 2).
+//     Version 1 stores (raw chunks only) are read and upgraded at open.
+//     Once every region is hydrated and committed the in-core bitmap is
+//     released (dm-clone known issue 2).
 //   - A store pinned to a source identity (SourceID: an http(s) object's
 //     ETag, or Last-Modified and size) is refused with ErrSourceChanged
 //     when reopened on a different one: a region hydrated from one version

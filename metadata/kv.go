@@ -18,7 +18,9 @@ type KV interface {
 	// Scan calls fn for every key with the prefix, in key order.
 	Scan(prefix []byte, fn func(key, value []byte) error) error
 	// Put writes all entries durably (synced) before returning. Entries may
-	// be split over several transactions; each entry is atomic.
+	// be split over several transactions; each entry is atomic. Put keeps
+	// no reference to the entries once it returns (a commit reuses their
+	// buffer for its next batch).
 	Put(entries []Entry) error
 	Close() error
 }

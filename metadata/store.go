@@ -129,6 +129,9 @@ type Options struct {
 	// writes through mmap: ENOSPC there is a SIGBUS that kills the
 	// process). 0 means DefaultReserve; negative disables it (tests).
 	ReserveBytes int64
+	// CommitBatchChunks bounds the chunks one batch of a commit writes
+	// (Commit); 0 means DefaultCommitBatchChunks. Tests set it small.
+	CommitBatchChunks int
 }
 
 // DefaultReserve is the ballast a store keeps (see Options.ReserveBytes):
@@ -152,6 +155,9 @@ func (o *Options) Validate() error {
 	if _, err := regions.NewGeometry(o.TargetSize, o.RegionSize); err != nil {
 		return err
 	}
+	if o.CommitBatchChunks < 0 {
+		return fmt.Errorf("%w: negative commit batch size %d", ErrOpen, o.CommitBatchChunks)
+	}
 	return nil
 }
 
@@ -172,6 +178,8 @@ type Store struct {
 	sb        Superblock
 	nrRegions uint64
 	nrChunks  uint64
+	// batchChunks bounds the chunks of one commit batch.
+	batchChunks int
 
 	// bitmap is nil once every region is hydrated and committed.
 	bitmap atomic.Pointer[regions.Bitmap]
@@ -218,7 +226,10 @@ func Open(opts Options) (*Store, error) {
 	if opts.WrapKV != nil {
 		kv = opts.WrapKV(kv)
 	}
-	s := &Store{log: log, kv: kv, dir: opts.Dir, freeBytes: statfsFree}
+	s := &Store{log: log, kv: kv, dir: opts.Dir, freeBytes: statfsFree, batchChunks: opts.CommitBatchChunks}
+	if s.batchChunks == 0 {
+		s.batchChunks = DefaultCommitBatchChunks
+	}
 	if opts.ReserveBytes >= 0 {
 		s.reserve = opts.ReserveBytes
 		if s.reserve == 0 {
@@ -528,10 +539,11 @@ func (s *Store) chunkWordCount(c uint64) uint64 {
 }
 
 func chunkKey(c uint64) []byte {
-	k := make([]byte, len(prefixBitmap)+8)
-	copy(k, prefixBitmap)
-	binary.BigEndian.PutUint64(k[len(prefixBitmap):], c)
-	return k
+	return appendChunkKey(make([]byte, 0, len(prefixBitmap)+8), c)
+}
+
+func appendChunkKey(dst []byte, c uint64) []byte {
+	return binary.BigEndian.AppendUint64(append(dst, prefixBitmap...), c)
 }
 
 // Superblock returns the store's header.
@@ -645,9 +657,14 @@ func (s *Store) SetRange(r, n uint64) (uint64, error) {
 type Syncer interface{ Sync() error }
 
 // Commit makes the bitmap durable: dirty chunks are snapshotted, dest is
-// synced, then the chunks are written. It does nothing if nothing changed.
-// On failure the store aborts the transaction (reloads the committed
-// bitmap) and goes ro, or Fail if the reload fails; the error is returned.
+// synced, then the chunks are written. The dirty chunks go in batches of
+// at most Options.CommitBatchChunks chunks and about commitBatchBytes
+// coded bytes, each snapshotted, synced and written in turn, so a commit that
+// rewrites every chunk of a large bitmap holds one batch in memory, not
+// all of them. It does nothing if nothing changed. On failure the store
+// aborts the transaction (reloads the committed bitmap) and goes ro, or
+// Fail if the reload fails; the error is returned. Batches written before
+// the failure stay committed.
 func (s *Store) Commit(dest Syncer) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
@@ -662,47 +679,126 @@ func (s *Store) Commit(dest Syncer) error {
 	}
 	start := time.Now()
 	s.changed.Store(false)
-	b := s.bitmap.Load()
-	var entries []Entry
-	var newChunks []uint64
+	bm := s.bitmap.Load()
+	b := s.newCommitBatch()
 	words := make([]uint64, chunkWords)
+	batches := 0
 	for w := range s.dirty {
+		// The marks of this word are cleared before its chunks are read:
+		// a bit set after the read marks its chunk again, for the next
+		// commit.
 		mask := s.dirty[w].Swap(0)
 		for mask != 0 {
 			bit := uint64(trailingZeros(mask))
 			mask &= mask - 1
 			c := uint64(w)*64 + bit
 			n := s.chunkWordCount(c)
-			b.Words(c*chunkWords, words[:n])
-			full := b.AllSet(c*ChunkRegions, min(ChunkRegions, s.nrRegions-c*ChunkRegions))
-			entries = append(entries, Entry{Key: chunkKey(c), Value: encodeChunk(words[:n], full)})
-			if !s.persisted[c] {
-				newChunks = append(newChunks, c)
+			bm.Words(c*chunkWords, words[:n])
+			full := bm.AllSet(c*ChunkRegions, min(ChunkRegions, s.nrRegions-c*ChunkRegions))
+			b.add(c, words[:n], full, !s.persisted[c])
+			if b.full(s.batchChunks) {
+				if err := s.commitBatchLocked(dest, b); err != nil {
+					return err
+				}
+				batches++
 			}
 		}
 	}
-	size := 0
-	for _, e := range entries {
-		size += len(e.Key) + len(e.Value)
+	// The last batch; also an empty one when nothing was written, so a
+	// commit always syncs the destination.
+	if len(b.entries) > 0 || batches == 0 {
+		if err := s.commitBatchLocked(dest, b); err != nil {
+			return err
+		}
 	}
-	if err := s.checkSpaceLocked(size); err != nil {
+	s.commits.Add(1)
+	s.commitNanos.Add(int64(time.Since(start)))
+	s.releaseIfDone()
+	return nil
+}
+
+// commitBatchLocked writes one batch of a commit: the space check, the
+// destination sync, then the chunks. Its chunks were read before the sync,
+// so every bit it writes has its data durable on the destination
+// (durability order); chunks stand alone and bits only go from 0 to 1, so
+// a crash between two batches leaves a store that claims no more than
+// the destination holds. On failure the commit is aborted (failedLocked).
+// The batch is reset for the next one.
+func (s *Store) commitBatchLocked(dest Syncer, b *commitBatch) error {
+	if err := s.checkSpaceLocked(len(b.buf)); err != nil {
 		return s.failedLocked("commit", err, false)
 	}
 	if err := dest.Sync(); err != nil {
 		return s.failedLocked("destination flush", err, true)
 	}
-	if err := s.kv.Put(entries); err != nil {
+	if err := s.kv.Put(b.entries); err != nil {
 		return s.failedLocked("commit", err, false)
 	}
-	for _, c := range newChunks {
+	for _, c := range b.newChunks {
 		s.persisted[c] = true
 	}
-	s.persistedCount.Add(uint64(len(newChunks)))
-	s.commits.Add(1)
-	s.chunksWritten.Add(uint64(len(entries)))
-	s.commitNanos.Add(int64(time.Since(start)))
-	s.releaseIfDone()
+	s.persistedCount.Add(uint64(len(b.newChunks)))
+	s.chunksWritten.Add(uint64(len(b.entries)))
+	b.reset()
 	return nil
+}
+
+// Commit batch bounds (see Commit). At 10% of the regions hydrated at
+// random a chunk codes to about 2 KiB: a batch is about 1 MiB, a few
+// badger transactions, and a commit rewriting the 8192 chunks of a 1 TiB
+// bitmap with 4 KiB regions takes 16 batches.
+const (
+	DefaultCommitBatchChunks = 512
+	commitBatchBytes         = 1 << 20
+	// maxChunkEntry is the most one chunk adds to a batch's buffer: its
+	// key and a raw chunk.
+	maxChunkEntry = len("bm/") + 8 + 1 + ChunkBytes
+)
+
+// commitBatch is one batch of a commit: the coded chunks and keys, in one
+// buffer reused from batch to batch (KV.Put keeps nothing once it returns).
+type commitBatch struct {
+	entries   []Entry
+	newChunks []uint64 // chunks not yet in the store
+	buf       []byte   // the entries' keys and values
+}
+
+func (s *Store) newCommitBatch() *commitBatch {
+	// Sized for the batch, or for the chunks dirty now when fewer: a
+	// commit of a few chunks allocates a few KiB.
+	dirty := 0
+	for w := range s.dirty {
+		dirty += onesCount(s.dirty[w].Load())
+	}
+	n := max(1, min(dirty, s.batchChunks))
+	return &commitBatch{
+		entries: make([]Entry, 0, n),
+		buf:     make([]byte, 0, min(n*maxChunkEntry, commitBatchBytes+maxChunkEntry)),
+	}
+}
+
+func (b *commitBatch) add(c uint64, words []uint64, full, isNew bool) {
+	k := len(b.buf)
+	b.buf = appendChunkKey(b.buf, c)
+	v := len(b.buf)
+	b.buf = appendChunk(b.buf, words, full)
+	b.entries = append(b.entries, Entry{Key: b.buf[k:v:v], Value: b.buf[v:len(b.buf):len(b.buf)]})
+	if isNew {
+		b.newChunks = append(b.newChunks, c)
+	}
+}
+
+// full reports whether the batch must be written before another chunk is
+// added.
+func (b *commitBatch) full(maxChunks int) bool {
+	return len(b.entries) >= maxChunks || len(b.buf) >= commitBatchBytes
+}
+
+func (b *commitBatch) reset() {
+	clear(b.entries) // drop the references into buf
+	b.entries = b.entries[:0]
+	b.newChunks = b.newChunks[:0]
+	b.buf = b.buf[:0]
 }
 
 // DestinationFailed handles a destination flush that failed outside a

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,6 +22,11 @@ type recorder struct {
 	// failPut / failScan / failGet / failSync make the store or the
 	// destination fail (fault injection).
 	failPut, failScan, failGet, failSync bool
+	// failPutAt / failSyncAt fail only the Nth put or sync (from 1);
+	// puts and syncs count them, putEntries logs each put's size.
+	failPutAt, failSyncAt int
+	puts, syncs           int
+	putEntries            []int
 }
 
 func (r *recorder) add(e string) {
@@ -30,7 +37,8 @@ func (r *recorder) add(e string) {
 
 func (r *recorder) Sync() error {
 	r.mu.Lock()
-	fail := r.failSync
+	r.syncs++
+	fail := r.failSync || r.syncs == r.failSyncAt
 	r.mu.Unlock()
 	if fail {
 		return errors.New("injected destination sync failure")
@@ -56,7 +64,11 @@ type recordingKV struct {
 
 func (k recordingKV) Put(e []Entry) error {
 	k.rec.mu.Lock()
-	fail := k.rec.failPut
+	k.rec.puts++
+	fail := k.rec.failPut || k.rec.puts == k.rec.failPutAt
+	if !fail {
+		k.rec.putEntries = append(k.rec.putEntries, len(e))
+	}
 	k.rec.mu.Unlock()
 	if fail {
 		return errors.New("injected put failure")
@@ -325,7 +337,10 @@ func TestReleaseWhenDone(t *testing.T) {
 
 func TestConcurrentSetAndCommitLoseNothing(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "md")
-	o := Options{Dir: dir, TargetSize: 4 * ChunkRegions * 4096, RegionSize: 4096}
+	concurrentSetAndCommit(t, Options{Dir: dir, TargetSize: 4 * ChunkRegions * 4096, RegionSize: 4096})
+}
+
+func concurrentSetAndCommit(t *testing.T, o Options) {
 	s, err := Open(o)
 	if err != nil {
 		t.Fatal(err)
@@ -567,4 +582,176 @@ func dirDigest(t *testing.T, dir string) string {
 		t.Fatal(err)
 	}
 	return b.String()
+}
+
+// batchOptions is a store of 7 chunks (the last one short) committed in
+// batches of 2 chunks.
+func batchOptions(dir string, rec *recorder) Options {
+	o := testOptions(dir, rec)
+	o.TargetSize = (6*ChunkRegions + 1000) * 4096
+	o.CommitBatchChunks = 2
+	return o
+}
+
+// hydrateEveryChunk sets random bits in every chunk and returns them.
+func hydrateEveryChunk(t *testing.T, s *Store) map[uint64]bool {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(7, 8))
+	set := map[uint64]bool{}
+	for c := uint64(0); c*ChunkRegions < s.NrRegions(); c++ {
+		for range 50 {
+			r := c*ChunkRegions + rng.Uint64N(min(ChunkRegions, s.NrRegions()-c*ChunkRegions))
+			if err := s.SetHydrated(r); err != nil {
+				t.Fatal(err)
+			}
+			set[r] = true
+		}
+	}
+	return set
+}
+
+// TestCommitInBatches: a commit of more dirty chunks than a batch holds
+// writes them batch by batch, each after its own destination sync, and
+// every chunk is in the store after a reopen.
+func TestCommitInBatches(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	rec := &recorder{}
+	s, err := Open(batchOptions(dir, rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	set := hydrateEveryChunk(t, s)
+	rec.events, rec.putEntries = nil, nil // the format's put
+	if err := s.Commit(rec); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"sync", "put", "sync", "put", "sync", "put", "sync", "put"}
+	if fmt.Sprint(rec.events) != fmt.Sprint(want) {
+		t.Fatalf("commit of 7 chunks in batches of 2: events %v, want %v", rec.events, want)
+	}
+	if fmt.Sprint(rec.putEntries) != "[2 2 2 1]" {
+		t.Fatalf("entries per put = %v, want [2 2 2 1]", rec.putEntries)
+	}
+	if st := s.Stats(); st.Commits != 1 || st.ChunksWritten != 7 || st.CommitErrors != 0 {
+		t.Fatalf("stats %+v, want 1 commit of 7 chunks", st)
+	}
+	if used, _ := s.Blocks(); used != 8 {
+		t.Fatalf("used blocks = %d, want 8", used)
+	}
+	// Rewriting chunks already in the store adds no blocks.
+	for _, r := range []uint64{3, 3*ChunkRegions + 3, s.NrRegions() - 1} {
+		s.SetHydrated(r)
+		set[r] = true
+	}
+	if err := s.Commit(rec); err != nil {
+		t.Fatal(err)
+	}
+	if used, _ := s.Blocks(); used != 8 {
+		t.Fatalf("used blocks after a rewrite = %d, want 8", used)
+	}
+	inCore := bitmapWords(s)
+	s.Close()
+	s2, err := Open(batchOptions(dir, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if got := bitmapWords(s2); !slices.Equal(got, inCore) {
+		t.Fatal("the reopened bitmap differs from the committed one")
+	}
+	if s2.Hydrated() != uint64(len(set)) {
+		t.Fatalf("after reopen %d hydrated, want %d", s2.Hydrated(), len(set))
+	}
+	if used, _ := s2.Blocks(); used != 8 {
+		t.Fatalf("used blocks after reopen = %d, want 8", used)
+	}
+}
+
+// TestCommitFailsInSecondBatch: a failure in the second batch (its
+// destination sync or its write) leaves the store ro, the first batch
+// committed and nothing of the later batches claimed.
+func TestCommitFailsInSecondBatch(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		fail       func(*recorder)
+		keepInCore bool // a metadata failure keeps the in-core bits
+	}{
+		{"sync", func(r *recorder) { r.failSyncAt = 2 }, false},
+		{"put", func(r *recorder) { r.failPutAt = 2 }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "md")
+			rec := &recorder{}
+			s, err := Open(batchOptions(dir, rec))
+			if err != nil {
+				t.Fatal(err)
+			}
+			set := hydrateEveryChunk(t, s)
+			rec.puts, rec.events = 0, nil // the format's put
+			tc.fail(rec)
+			if err := s.Commit(rec); err == nil {
+				t.Fatal("commit succeeded")
+			}
+			if s.Mode() != ModeRO {
+				t.Fatalf("mode %v, want ro", s.Mode())
+			}
+			if st := s.Stats(); st.Commits != 0 || st.CommitErrors != 1 || st.ChunksWritten != 2 {
+				t.Fatalf("stats %+v, want no commit, 1 error, 2 chunks written", st)
+			}
+			if used, _ := s.Blocks(); used != 3 {
+				t.Fatalf("used blocks = %d, want 3 (superblock + the first batch)", used)
+			}
+			if s.Changed() {
+				t.Fatal("an aborted commit leaves changes")
+			}
+			firstBatch := func(r uint64) bool { return r < 2*ChunkRegions }
+			check := func(what string, s *Store, later bool) {
+				t.Helper()
+				for r := range set {
+					if got, want := s.IsHydrated(r), firstBatch(r) || later; got != want {
+						t.Fatalf("%s: region %d (chunk %d) hydrated %v, want %v", what, r, r/ChunkRegions, got, want)
+					}
+				}
+				if want := countIf(set, func(r uint64) bool { return firstBatch(r) || later }); s.Hydrated() != want {
+					t.Fatalf("%s: %d hydrated, want %d", what, s.Hydrated(), want)
+				}
+			}
+			check("in core", s, tc.keepInCore)
+			s.Close()
+			s2, err := Open(batchOptions(dir, nil))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s2.Close()
+			check("after reopen", s2, false)
+			if used, _ := s2.Blocks(); used != 3 {
+				t.Fatalf("used blocks after reopen = %d, want 3", used)
+			}
+		})
+	}
+}
+
+// TestConcurrentSetAndCommitInSmallBatches: bits set while a commit
+// goes batch by batch are never lost (one chunk per batch).
+func TestConcurrentSetAndCommitInSmallBatches(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "md")
+	o := Options{Dir: dir, TargetSize: 9 * ChunkRegions * 4096, RegionSize: 4096, CommitBatchChunks: 1}
+	concurrentSetAndCommit(t, o)
+}
+
+func bitmapWords(s *Store) []uint64 {
+	b := s.bitmap.Load()
+	w := make([]uint64, (s.NrRegions()+63)/64)
+	b.Words(0, w)
+	return w
+}
+
+func countIf(set map[uint64]bool, f func(uint64) bool) uint64 {
+	var n uint64
+	for r := range set {
+		if f(r) {
+			n++
+		}
+	}
+	return n
 }

@@ -1,0 +1,135 @@
+package daemon
+
+import (
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"sync"
+
+	"github.com/nbdclone/nbdclone/target"
+)
+
+// The daemon's soft memory limit (debug.SetMemoryLimit). Without one the
+// garbage collector lets the heap grow to twice the live heap (GOGC=100):
+// with a 1 TiB clone of 4 KiB regions being hydrated at random, about
+// 110 MiB live (its 32 MiB bitmap, badger's memtables, table builders and
+// compactions, a commit batch) becomes 300 MiB of RSS. The limit follows
+// what the devices hold:
+//
+//	limit = memLimitBase + Σ over built clone tables (2 × bitmap bytes + memLimitPerStore)
+//
+// never below memLimitFloor. memLimitBase is the daemon itself (runtime,
+// NBD request buffers, control API). A clone holds its in-core bitmap (one
+// bit per region, for as long as the table is built) and a metadata store
+// whose busy-time memory grows with the bitmap: commits rewrite every
+// dirty chunk and badger flushes and compacts them, so the store of a
+// randomly hydrated bitmap needs about as much again as the bitmap, plus
+// a fixed part (memtables, pooled table builders). A limit below what is
+// live only burns CPU: the collector runs back to back (the runtime caps it
+// at about half the CPU, then lets the heap exceed the limit), which cut
+// the M1 hydration rate to a third at 96 MiB for 1 TiB. The limit is soft:
+// it never fails an allocation. A GOMEMLIMIT in the environment wins: the
+// daemon then leaves the limit alone.
+const (
+	memLimitBase     = 48 << 20
+	memLimitPerStore = 16 << 20
+	memLimitFloor    = 64 << 20
+)
+
+// memoryLimit computes the limit for clone bitmaps of the given sizes in
+// bytes.
+func memoryLimit(bitmapBytes []int64) int64 {
+	limit := int64(memLimitBase)
+	for _, b := range bitmapBytes {
+		limit += 2*b + memLimitPerStore
+	}
+	return max(limit, memLimitFloor)
+}
+
+// cloneBitmapBytes is the in-core bitmap a clone table's target holds: one
+// bit per region, in 64-bit words (0 for a table it cannot read).
+func cloneBitmapBytes(t target.Table) int64 {
+	if t.Type != "clone" || len(t.Args) < 4 {
+		return 0
+	}
+	regionSectors, err := strconv.ParseUint(t.Args[3], 10, 64)
+	if err != nil || regionSectors == 0 {
+		return 0
+	}
+	regions := (t.Length + regionSectors - 1) / regionSectors
+	return int64((regions + 63) / 64 * 8)
+}
+
+// memLimiter keeps the runtime's memory limit in step with the devices.
+type memLimiter struct {
+	log *slog.Logger
+	// set is debug.SetMemoryLimit (a test may watch it).
+	set func(int64) int64
+
+	mu sync.Mutex
+	// Guarded by mu.
+	started bool
+	fromEnv bool  // GOMEMLIMIT was set: never touched
+	prev    int64 // the limit before start, put back at stop
+	current int64
+}
+
+func newMemLimiter(log *slog.Logger) *memLimiter {
+	return &memLimiter{log: log, set: debug.SetMemoryLimit}
+}
+
+// start takes over the limit, unless GOMEMLIMIT is set.
+func (m *memLimiter) start() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.started = true
+	if env := os.Getenv("GOMEMLIMIT"); env != "" {
+		m.fromEnv = true
+		m.log.Info("memory limit from GOMEMLIMIT, not derived from the devices",
+			"GOMEMLIMIT", env, "limit_bytes", m.set(-1))
+		return
+	}
+	m.prev = m.set(-1)
+}
+
+// stop gives back the limit found at start.
+func (m *memLimiter) stop() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.started || m.fromEnv {
+		return
+	}
+	m.started = false
+	m.set(m.prev)
+	m.current = 0
+}
+
+// update sets the limit for the clone tables the devices hold now: live
+// tables and built inactive ones.
+func (m *memLimiter) update(devs []*device) {
+	var bitmaps []int64
+	for _, d := range devs {
+		d.mu.Lock()
+		if (d.live != nil || d.swapping != nil) && d.table.Type == "clone" {
+			bitmaps = append(bitmaps, cloneBitmapBytes(d.table))
+		}
+		if d.inactive != nil && d.inactive.t != nil && d.inactive.table.Type == "clone" {
+			bitmaps = append(bitmaps, cloneBitmapBytes(d.inactive.table))
+		}
+		d.mu.Unlock()
+	}
+	limit := memoryLimit(bitmaps)
+	var sum int64
+	for _, b := range bitmaps {
+		sum += b
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.started || m.fromEnv || limit == m.current {
+		return
+	}
+	m.current = limit
+	m.set(limit)
+	m.log.Info("memory limit set", "limit_bytes", limit, "bitmap_bytes", sum, "clones", len(bitmaps))
+}
