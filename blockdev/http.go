@@ -48,7 +48,7 @@ func (o *HTTPOptions) setDefaults() {
 		o.RequestBytes = 4 << 20
 	}
 	if o.WindowBytes <= 0 {
-		o.WindowBytes = 64 << 20
+		o.WindowBytes = DefaultWindowBytes
 	}
 	if o.RequestTimeout <= 0 {
 		o.RequestTimeout = 60 * time.Second

@@ -58,7 +58,7 @@ func (o *NBDOptions) setDefaults() {
 		o.RequestBytes = 1 << 20
 	}
 	if o.WindowBytes <= 0 {
-		o.WindowBytes = 64 << 20
+		o.WindowBytes = DefaultWindowBytes
 	}
 	if o.ConnectTimeout <= 0 {
 		o.ConnectTimeout = 10 * time.Second

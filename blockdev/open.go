@@ -58,6 +58,16 @@ type RemoteStats struct {
 	Connections int    `json:"connections"` // connections open now (NBD)
 }
 
+// DefaultWindowBytes is the copy window of a remote source unless its
+// options say otherwise (NBDOptions.WindowBytes, HTTPOptions.WindowBytes):
+// how many bytes a clone keeps in flight, and so in buffers, while it
+// hydrates from it.
+const DefaultWindowBytes = 64 << 20
+
+// IsRemoteSpec reports whether OpenSource opens spec as a remote source
+// (an NBD URI or an http(s) URL), which hydrates with a window in flight.
+func IsRemoteSpec(spec string) bool { return isNBDURI(spec) || isHTTPURL(spec) }
+
 // SourceOptions configure OpenSource.
 type SourceOptions struct {
 	Logger *slog.Logger

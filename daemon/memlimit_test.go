@@ -12,19 +12,32 @@ const mib = 1 << 20
 func TestMemoryLimitFormula(t *testing.T) {
 	tib := int64(32 * mib) // the bitmap of 1 TiB with 4 KiB regions
 	for _, tc := range []struct {
-		name    string
-		bitmaps []int64
-		want    int64
+		name   string
+		clones []cloneMemory
+		want   int64
 	}{
 		{"no clone: the floor", nil, memLimitFloor},
-		{"a tiny clone", []int64{8}, 64*mib + 16},
-		{"two tiny clones", []int64{8, 8}, 48*mib + 2*(16*mib+16)},
-		{"1 TiB, 4 KiB regions", []int64{tib}, 128 * mib},
-		{"256 GiB", []int64{8 * mib}, 80 * mib},
-		{"two clones", []int64{tib, 8 * mib}, 48*mib + 2*tib + 16*mib + 2*8*mib + 16*mib},
+		{"a tiny clone", []cloneMemory{{bitmap: 8}}, 112*mib + 16},
+		{"two tiny clones", []cloneMemory{{bitmap: 8}, {bitmap: 8}}, 96*mib + 2*(16*mib+16)},
+		{"1 TiB, 4 KiB regions", []cloneMemory{{bitmap: tib}}, 176 * mib},
+		{"256 GiB", []cloneMemory{{bitmap: 8 * mib}}, 128 * mib},
+		{"two clones", []cloneMemory{{bitmap: tib}, {bitmap: 8 * mib}}, 96*mib + 2*tib + 16*mib + 2*8*mib + 16*mib},
+		{"a remote source's window", []cloneMemory{{bitmap: 8, window: 64 * mib}}, 240*mib + 16},
 	} {
-		if got := memoryLimit(tc.bitmaps); got != tc.want {
+		if got := memoryLimit(tc.clones); got != tc.want {
 			t.Errorf("%s: limit %d MiB, want %d MiB", tc.name, got/mib, tc.want/mib)
+		}
+	}
+	for spec, window := range map[string]int64{
+		"src": 0, "/dev/sdb": 0, "dev:parent": 0,
+		"nbd+unix:///x?socket=/s": 64 * mib, "nbds://h/x": 64 * mib, "https://h/disk.img": 64 * mib,
+	} {
+		tbl, err := target.ParseTable("0 64 clone md dst " + spec + " 8")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := cloneMemoryOf(tbl); got.window != window || got.bitmap != 8 {
+			t.Errorf("source %q: %+v, want window %d", spec, got, window)
 		}
 	}
 	for _, tc := range []struct {
