@@ -30,4 +30,13 @@
 //     source reported as reading zeroes; a copy with any failed chunk fails
 //     as a whole; its chunks in flight never exceed InFlightBytes over all
 //     copies together (one chunk per copy without it).
+//   - Copy (background, hints, split, redirect) leaves at most EvictBehind
+//     copied bytes in the destination's page cache: older chunks are waited
+//     for and dropped through a descriptor of the copier's own, so a
+//     writeback error still reaches the destination's fdatasync. CopyCached
+//     (NBD_CMD_CACHE, the copy before a partial write) keeps its chunks.
+//   - Between two regular files, chunks are copied with copy_file_range; a
+//     source that ends early fails the copy (never zeroes), and the kernel's
+//     refusal before anything was copied falls back to read and write.
+//   - A regular file destination has one write in flight at a time.
 package hydrate
