@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/nbdclone/nbdclone/blockdev"
+	"github.com/nbdclone/nbdclone/regions"
 	"github.com/nbdclone/nbdclone/target"
 )
 
@@ -73,12 +74,15 @@ func cloneBitmapBytes(t target.Table) int64 {
 	if t.Type != "clone" || len(t.Args) < 4 {
 		return 0
 	}
-	regionSectors, err := strconv.ParseUint(t.Args[3], 10, 64)
-	if err != nil || regionSectors == 0 {
+	regionSectors, err := strconv.ParseInt(t.Args[3], 10, 64)
+	if err != nil {
 		return 0
 	}
-	regions := (t.Length + regionSectors - 1) / regionSectors
-	return int64((regions + 63) / 64 * 8)
+	g, err := regions.NewGeometry(int64(t.Length)*target.SectorSize, regionSectors*target.SectorSize)
+	if err != nil {
+		return 0
+	}
+	return int64((g.NrRegions() + 63) / 64 * 8)
 }
 
 // memLimiter keeps the runtime's memory limit in step with the devices.
