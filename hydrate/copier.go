@@ -68,8 +68,8 @@ type Copier struct {
 	// srcFd, when the source and the destination are both regular files,
 	// is the source's descriptor: chunks are copied in the kernel with
 	// copy_file_range (no copy through user memory; a reflink where the
-	// filesystem shares extents). -1 otherwise, or once the kernel said it
-	// cannot (noCFR).
+	// filesystem shares extents); -1 otherwise. noCFR is set once the
+	// kernel said it cannot copy between these files.
 	srcFd int
 	noCFR atomic.Bool
 
@@ -246,21 +246,21 @@ func (c *Copier) copyParallel(ctx context.Context, off, n int64, evict bool) err
 
 func (c *Copier) copyChunk(ctx context.Context, buf []byte, off int64, evict bool) error {
 	start := time.Now()
-	if done, err := c.copyInKernel(off, int64(len(buf))); done || err != nil {
-		if c.observeRead != nil {
-			c.observeRead(time.Since(start)) // the in-kernel copy, reading included
+	inKernel, err := c.copyInKernel(off, int64(len(buf)))
+	if err != nil {
+		err = fmt.Errorf("hydrate: copy_file_range at %d+%d: %w", off, len(buf), err)
+	} else if !inKernel {
+		if _, err = blockdev.ReadFullAt(ctx, c.src, buf, off); err != nil {
+			err = fmt.Errorf("hydrate: read source at %d+%d: %w", off, len(buf), err)
 		}
-		if err != nil {
-			return fmt.Errorf("hydrate: copy_file_range at %d+%d: %w", off, len(buf), err)
-		}
-	} else {
-		_, err := blockdev.ReadFullAt(ctx, c.src, buf, off)
-		if c.observeRead != nil {
-			c.observeRead(time.Since(start))
-		}
-		if err != nil {
-			return fmt.Errorf("hydrate: read source at %d+%d: %w", off, len(buf), err)
-		}
+	}
+	if c.observeRead != nil {
+		c.observeRead(time.Since(start)) // for copy_file_range, the whole in-kernel copy
+	}
+	if err != nil {
+		return err
+	}
+	if !inKernel {
 		if err := c.write(buf, off); err != nil {
 			return fmt.Errorf("hydrate: write destination at %d+%d: %w", off, len(buf), err)
 		}
