@@ -150,7 +150,6 @@ func TestChunkCorruptRefused(t *testing.T) {
 func TestVersion1StoreUpgraded(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "md")
 	opts := testOptions(dir, nil)
-	opts.ReserveBytes = -1
 	s, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -238,7 +237,7 @@ func TestCommitManyChunks(t *testing.T) {
 	}
 	dir := filepath.Join(t.TempDir(), "md")
 	const chunks = 4000
-	opts := Options{Dir: dir, TargetSize: chunks * ChunkRegions * 4096, RegionSize: 4096, Source: "src", ReserveBytes: -1}
+	opts := Options{Dir: dir, TargetSize: chunks * ChunkRegions * 4096, RegionSize: 4096, Source: "src"}
 	s, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)

@@ -1,11 +1,12 @@
-// Package metadata is a clone's persistent region bitmap, kept in a badger
-// store: a superblock and 4096-byte bitmap chunks (32768 regions each), an
-// in-core bitmap with dirty-chunk tracking, transactional commits and
-// dm-clone's metadata modes rw → ro → Fail.
+// Package metadata is a clone's persistent region bitmap: a superblock and
+// 4096-byte bitmap chunks (32768 regions each) in fixed, checksummed slots
+// of one file, written through a journal (filekv.go); an in-core bitmap
+// with dirty-chunk tracking, transactional commits and dm-clone's metadata
+// modes rw → ro → Fail.
 //
 // Invariants:
 //   - Durability order: Commit snapshots the dirty chunks, then syncs the
-//     destination, then writes the chunks in synced badger transactions. A
+//     destination, then writes the chunks in a synced journaled Put. A
 //     bit therefore reaches the store only after the data that made it true
 //     is durable on the destination. A crash at any point leaves every
 //     persisted bit backed by durable data.
@@ -38,7 +39,18 @@
 //     ETag, or Last-Modified and size) is refused with ErrSourceChanged
 //     when reopened on a different one: a region hydrated from one version
 //     never sits next to regions read from another.
-//   - A store is opened by one Store at a time (badger's directory lock); a
+//   - Every Put is atomic and durable when it returns: its entries go to
+//     the journal (one write, checksummed, synced), then to their slots
+//     (synced). Opening replays a journal that checks out; it always holds
+//     the last Put, so a slot torn by a crash is rewritten whole. A slot
+//     that fails its checksum outside the journal is ErrCorrupt, never
+//     zeroes. Nothing is memory-mapped: a full filesystem is a write error
+//     (ErrNoSpace, the store goes ro), and rewriting stored chunks needs
+//     no new space.
+//   - The badger store of an earlier nbdclone is converted at open, once:
+//     its keys are copied, then its MANIFEST removed (a conversion that
+//     stops before that starts again), then its other files.
+//   - A store is opened by one Store at a time (flock on its file); a
 //     store made for another region size or target size is refused, and a
 //     non-empty directory that is not a store is never written.
 package metadata

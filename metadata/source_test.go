@@ -13,7 +13,7 @@ import (
 func TestSetSource(t *testing.T) {
 	dir := t.TempDir()
 	open := func(source, id string) (*Store, error) {
-		return Open(Options{Dir: dir, TargetSize: 1 << 20, RegionSize: 4096, Source: source, SourceSize: 1 << 20, SourceID: id, ReserveBytes: -1})
+		return Open(Options{Dir: dir, TargetSize: 1 << 20, RegionSize: 4096, Source: source, SourceSize: 1 << 20, SourceID: id})
 	}
 	s, err := open("dev:a", "dev:a@1")
 	if err != nil {

@@ -15,8 +15,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/nbdclone/nbdclone/regions"
 )
 
@@ -44,7 +42,7 @@ var (
 	ErrReadOnly = errors.New("metadata: read-only mode")
 	// ErrClosed: the store is closed.
 	ErrClosed = errors.New("metadata: closed")
-	// ErrNoSpace: the metadata filesystem is (nearly) full. It wraps
+	// ErrNoSpace: the metadata filesystem is full. It wraps
 	// syscall.ENOSPC.
 	ErrNoSpace = fmt.Errorf("metadata: not enough free space on the metadata filesystem: %w", syscall.ENOSPC)
 )
@@ -121,31 +119,12 @@ type Options struct {
 	// the check.
 	Destination string
 	Logger      *slog.Logger
-	// WrapKV, if set, wraps the badger store (fault injection in tests).
+	// WrapKV, if set, wraps the file store (fault injection in tests).
 	WrapKV func(KV) KV
-	// ReserveBytes of real disk space are held in a ballast file next to
-	// the store and released when the filesystem runs out, so badger's
-	// pending flushes and compactions never meet a full filesystem (badger
-	// writes through mmap: ENOSPC there is a SIGBUS that kills the
-	// process). 0 means DefaultReserve; negative disables it (tests).
-	ReserveBytes int64
 	// CommitBatchChunks bounds the chunks one batch of a commit writes
 	// (Commit); 0 means DefaultCommitBatchChunks. Tests set it small.
 	CommitBatchChunks int
 }
-
-// DefaultReserve is the ballast a store keeps (see Options.ReserveBytes):
-// room for a memtable flush and a compaction into the base level, which
-// is what badger may still write once the space check has refused the
-// commits that would start more.
-const DefaultReserve = 8 << 20
-
-// reserveName is the ballast file, inside the store's directory.
-const reserveName = "nbdclone.reserve"
-
-// commitHeadroom is the free space a commit needs beyond twice its own
-// bytes: the memtables that the commit may start and later flush.
-const commitHeadroom = 2 * memTableSize
 
 // Validate checks the options.
 func (o *Options) Validate() error {
@@ -174,7 +153,6 @@ type Store struct {
 	log       *slog.Logger
 	kv        KV
 	dir       string
-	reserve   int64 // ballast bytes; 0 when disabled
 	sb        Superblock
 	nrRegions uint64
 	nrChunks  uint64
@@ -194,11 +172,6 @@ type Store struct {
 	persisted      []bool
 	persistedCount atomic.Uint64
 	closed         bool // guarded by commitMu
-	// reserveReleased: the ballast was given back; guarded by commitMu.
-	reserveReleased bool
-	// freeBytes reports the free space of a filesystem (statfs; replaced in
-	// tests).
-	freeBytes func(dir string) (int64, error)
 
 	commits, commitErrors, chunksWritten atomic.Uint64
 	commitNanos                          atomic.Int64
@@ -214,31 +187,30 @@ func Open(opts Options) (*Store, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	fresh, err := prepareDir(opts.Dir)
+	fresh, legacy, err := prepareDir(opts.Dir)
 	if err != nil {
 		return nil, err
 	}
-	bkv, err := openBadger(opts.Dir, log)
+	if legacy {
+		if err := migrateBadger(opts.Dir, log); errors.Is(err, ErrNotStore) {
+			return nil, err
+		} else if err != nil {
+			return nil, classifyOpenError(opts.Dir, fmt.Errorf("converting the badger store of an earlier nbdclone: %w", err))
+		}
+	} else if err := removeBadgerLeftovers(opts.Dir); err != nil {
+		log.Warn("removing the files of a converted badger store", "dir", opts.Dir, "err", err)
+	}
+	fkv, err := openFileKV(opts.Dir)
 	if err != nil {
 		return nil, classifyOpenError(opts.Dir, err)
 	}
-	var kv KV = bkv
+	var kv KV = fkv
 	if opts.WrapKV != nil {
 		kv = opts.WrapKV(kv)
 	}
-	s := &Store{log: log, kv: kv, dir: opts.Dir, freeBytes: statfsFree, batchChunks: opts.CommitBatchChunks}
+	s := &Store{log: log, kv: kv, dir: opts.Dir, batchChunks: opts.CommitBatchChunks}
 	if s.batchChunks == 0 {
 		s.batchChunks = DefaultCommitBatchChunks
-	}
-	if opts.ReserveBytes >= 0 {
-		s.reserve = opts.ReserveBytes
-		if s.reserve == 0 {
-			s.reserve = DefaultReserve
-		}
-		if err := s.ensureReserve(); err != nil {
-			kv.Close()
-			return nil, err
-		}
 	}
 	if err := s.load(opts, fresh); err != nil {
 		kv.Close()
@@ -247,110 +219,37 @@ func Open(opts Options) (*Store, error) {
 	return s, nil
 }
 
-func statfsFree(dir string) (int64, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		return 0, err
-	}
-	return int64(st.Bavail) * int64(st.Bsize), nil
-}
-
-// ensureReserve allocates the ballast file (real blocks, not a hole).
-func (s *Store) ensureReserve() error {
-	p := filepath.Join(s.dir, reserveName)
-	if fi, err := os.Stat(p); err == nil && fi.Size() == s.reserve {
-		return nil
-	}
-	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return fmt.Errorf("%w: creating %s: %w", ErrNoWrite, p, err)
-	}
-	defer f.Close()
-	if err := unix.Fallocate(int(f.Fd()), 0, 0, s.reserve); err != nil {
-		os.Remove(p)
-		if errors.Is(err, syscall.ENOSPC) {
-			return fmt.Errorf("%w: the store keeps a %d MiB reserve", ErrNoSpace, s.reserve>>20)
-		}
-		return fmt.Errorf("%w: reserving space in %s: %w", ErrNoWrite, p, err)
-	}
-	return f.Sync()
-}
-
-// checkSpaceLocked fails when the filesystem cannot take a commit of n
-// bytes plus badger's follow-up writes; it then releases the ballast so
-// those follow-ups (flushes, compaction, the flush at Close) have room.
-func (s *Store) checkSpaceLocked(n int) error {
-	if s.reserve <= 0 {
-		return nil
-	}
-	free, err := s.freeBytes(s.dir)
-	if err != nil {
-		return fmt.Errorf("metadata: statfs %s: %w", s.dir, err)
-	}
-	need := 2*int64(n) + commitHeadroom
-	if free >= need {
-		return nil
-	}
-	if !s.reserveReleased {
-		s.log.Error("metadata filesystem is full: reserve released, commits refused",
-			"dir", s.dir, "free_bytes", free, "needed_bytes", need, "reserve_bytes", s.reserve)
-	}
-	s.releaseReserveLocked("filesystem full")
-	return fmt.Errorf("%w (%d bytes free, a commit needs %d)", ErrNoSpace, free, need)
-}
-
-func (s *Store) releaseReserveLocked(why string) {
-	if s.reserve <= 0 || s.reserveReleased {
-		return
-	}
-	s.reserveReleased = true
-	if err := os.Remove(filepath.Join(s.dir, reserveName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.log.Error("releasing the metadata space reserve", "why", why, "err", err)
-	}
-}
-
-// CheckSpace is the periodic watch on the metadata filesystem: badger may
-// flush and compact between commits, so when free space falls below what a
-// commit needs, the store switches to ro and releases its reserve before
-// badger can run out (dm-clone's answer to any metadata failure).
-func (s *Store) CheckSpace() error {
-	s.commitMu.Lock()
-	defer s.commitMu.Unlock()
-	if s.closed || s.Mode() != ModeRW || s.reserve <= 0 {
-		return nil
-	}
-	if err := s.checkSpaceLocked(0); err != nil {
-		return s.failedLocked("space check", err, false)
-	}
-	return nil
-}
-
 // prepareDir creates a missing directory and reports whether the store is
-// new. A non-empty directory must already hold a badger store.
-func prepareDir(dir string) (fresh bool, err error) {
+// new, and whether it is the badger store of an earlier nbdclone (or one
+// whose conversion was interrupted: badger's MANIFEST goes first once the
+// file store holds everything). A non-empty directory must hold a store.
+func prepareDir(dir string) (fresh, legacy bool, err error) {
 	fi, err := os.Stat(dir)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return false, fmt.Errorf("%w: %w", ErrOpen, err)
+			return false, false, fmt.Errorf("%w: %w", ErrOpen, err)
 		}
-		return true, nil
+		return true, false, nil
 	case err != nil:
-		return false, fmt.Errorf("%w: %w", ErrOpen, err)
+		return false, false, fmt.Errorf("%w: %w", ErrOpen, err)
 	case !fi.IsDir():
-		return false, fmt.Errorf("%w: %s is not a directory", ErrOpen, dir)
+		return false, false, fmt.Errorf("%w: %s is not a directory", ErrOpen, dir)
 	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return false, fmt.Errorf("%w: %w", ErrOpen, err)
+		return false, false, fmt.Errorf("%w: %w", ErrOpen, err)
 	}
 	if len(entries) == 0 {
-		return true, nil
+		return true, false, nil
 	}
-	if _, err := os.Stat(dir + "/MANIFEST"); err != nil {
-		return false, fmt.Errorf("%w: %s", ErrNotStore, dir)
+	if _, err := os.Stat(filepath.Join(dir, badgerManifest)); err == nil {
+		return false, true, nil
 	}
-	return false, nil
+	if _, err := os.Stat(filepath.Join(dir, metaName)); err != nil {
+		return false, false, fmt.Errorf("%w: %s", ErrNotStore, dir)
+	}
+	return false, false, nil
 }
 
 func classifyOpenError(dir string, err error) error {
@@ -372,9 +271,10 @@ func (s *Store) load(opts Options, fresh bool) error {
 	}
 	if raw == nil {
 		if !fresh {
-			// badger files but no superblock: an interrupted format (the
-			// superblock is the first and only write of a format) or
-			// someone else's badger store. Only the former is empty.
+			// A store without a superblock: an interrupted format (the
+			// superblock is the first and only write of a format) or,
+			// converted, someone else's badger store. Only the former is
+			// empty.
 			empty := true
 			if err := s.kv.Scan(nil, func(_, _ []byte) error { empty = false; return nil }); err != nil {
 				return fmt.Errorf("%w: %w", ErrCorrupt, err)
@@ -725,13 +625,13 @@ func (s *Store) Commit(dest Syncer) error {
 // the destination holds. On failure the commit is aborted (failedLocked).
 // The batch is reset for the next one.
 func (s *Store) commitBatchLocked(dest Syncer, b *commitBatch) error {
-	if err := s.checkSpaceLocked(len(b.buf)); err != nil {
-		return s.failedLocked("commit", err, false)
-	}
 	if err := dest.Sync(); err != nil {
 		return s.failedLocked("destination flush", err, true)
 	}
 	if err := s.kv.Put(b.entries); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			err = fmt.Errorf("%w: %w", ErrNoSpace, err)
+		}
 		return s.failedLocked("commit", err, false)
 	}
 	for _, c := range b.newChunks {
@@ -744,9 +644,9 @@ func (s *Store) commitBatchLocked(dest Syncer, b *commitBatch) error {
 }
 
 // Commit batch bounds (see Commit). At 10% of the regions hydrated at
-// random a chunk codes to about 2 KiB: a batch is about 1 MiB, a few
-// badger transactions, and a commit rewriting the 8192 chunks of a 1 TiB
-// bitmap with 4 KiB regions takes 16 batches.
+// random a chunk codes to about 2 KiB: a batch is about 1 MiB, one journal
+// write and one pass over its slots, and a commit rewriting the 8192
+// chunks of a 1 TiB bitmap with 4 KiB regions takes 16 batches.
 const (
 	DefaultCommitBatchChunks = 512
 	commitBatchBytes         = 1 << 20
@@ -904,9 +804,6 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
-	// Closing flushes badger's memtable into a new table: give it the
-	// ballast's room (it is recreated at the next open).
-	s.releaseReserveLocked("closing")
 	if err := s.kv.Close(); err != nil {
 		return fmt.Errorf("metadata: close: %w", err)
 	}

@@ -25,8 +25,10 @@ type recorder struct {
 	// failPutAt / failSyncAt fail only the Nth put or sync (from 1);
 	// puts and syncs count them, putEntries logs each put's size.
 	failPutAt, failSyncAt int
-	puts, syncs           int
-	putEntries            []int
+	// putErr, if set, is what every put returns.
+	putErr      error
+	puts, syncs int
+	putEntries  []int
 }
 
 func (r *recorder) add(e string) {
@@ -66,12 +68,16 @@ func (k recordingKV) Put(e []Entry) error {
 	k.rec.mu.Lock()
 	k.rec.puts++
 	fail := k.rec.failPut || k.rec.puts == k.rec.failPutAt
-	if !fail {
+	putErr := k.rec.putErr
+	if !fail && putErr == nil {
 		k.rec.putEntries = append(k.rec.putEntries, len(e))
 	}
 	k.rec.mu.Unlock()
 	if fail {
 		return errors.New("injected put failure")
+	}
+	if putErr != nil {
+		return putErr
 	}
 	k.rec.add("put")
 	return k.KV.Put(e)
@@ -391,72 +397,30 @@ func concurrentSetAndCommit(t *testing.T, o Options) {
 	}
 }
 
-func TestFullFilesystemGoesReadOnlyAndReleasesReserve(t *testing.T) {
+// TestFullFilesystemGoesReadOnly: a commit whose write meets a full
+// filesystem fails with ErrNoSpace and the store goes ro, keeping the
+// in-core bitmap (the destination holds the data).
+func TestFullFilesystemGoesReadOnly(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "md")
-	o := testOptions(dir, nil)
-	o.ReserveBytes = 1 << 20
-	s, err := Open(o)
+	rec := &recorder{}
+	s, err := Open(testOptions(dir, rec))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	reserve := filepath.Join(dir, reserveName)
-	fi, err := os.Stat(reserve)
-	if err != nil || fi.Size() != 1<<20 {
-		t.Fatalf("reserve: %v %v", fi, err)
-	}
 	s.SetHydrated(1)
-	if err := s.Commit(&recorder{}); err != nil {
+	if err := s.Commit(rec); err != nil {
 		t.Fatal(err)
 	}
-	s.freeBytes = func(string) (int64, error) { return 4 << 20, nil } // below the headroom
+	rec.mu.Lock()
+	rec.putErr = fmt.Errorf("writing the journal: %w", syscall.ENOSPC)
+	rec.mu.Unlock()
 	s.SetHydrated(2)
-	rec := &recorder{}
 	if err := s.Commit(rec); !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("commit on a full filesystem: %v", err)
 	}
-	if len(rec.events) != 0 {
-		t.Fatal("a refused commit still synced or wrote")
-	}
 	if s.Mode() != ModeRO || !s.IsHydrated(1) || !s.IsHydrated(2) {
 		t.Fatalf("mode %v; want ro, the in-core bitmap kept (the destination holds the data)", s.Mode())
-	}
-	if _, err := os.Stat(reserve); !os.IsNotExist(err) {
-		t.Fatal("the reserve was not released")
-	}
-}
-
-func TestCheckSpaceAndCloseReleaseReserve(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "md")
-	o := testOptions(dir, nil)
-	o.ReserveBytes = 1 << 20
-	s, err := Open(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	reserve := filepath.Join(dir, reserveName)
-	if err := s.CheckSpace(); err != nil || s.Mode() != ModeRW {
-		t.Fatalf("plenty of space: %v %v", err, s.Mode())
-	}
-	s.freeBytes = func(string) (int64, error) { return 1 << 20, nil }
-	if err := s.CheckSpace(); !errors.Is(err, ErrNoSpace) || s.Mode() != ModeRO {
-		t.Fatalf("low space: %v, mode %v", err, s.Mode())
-	}
-	if _, err := os.Stat(reserve); !os.IsNotExist(err) {
-		t.Fatal("reserve kept on a full filesystem")
-	}
-	s.Close()
-	// Reopened, the reserve is back; closed, it is released for badger's flush.
-	s, err = Open(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(reserve); err != nil {
-		t.Fatal("reserve not recreated at open")
-	}
-	s.Close()
-	if _, err := os.Stat(reserve); !os.IsNotExist(err) {
-		t.Fatal("reserve kept across Close")
 	}
 }
 
@@ -563,12 +527,12 @@ func TestOtherDestinationRefused(t *testing.T) {
 }
 
 // dirDigest names every file of a directory tree with a hash of its
-// content (the lock and the reserve file excluded: they are recreated).
+// content.
 func dirDigest(t *testing.T, dir string) string {
 	t.Helper()
 	var b strings.Builder
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() || d.Name() == reserveName || d.Name() == "LOCK" {
+		if err != nil || d.IsDir() {
 			return err
 		}
 		data, err := os.ReadFile(p)

@@ -314,7 +314,7 @@ PY
 )"
   record "M1 FLUSH after ${M1_BURST} random 4K writes, p50 (ms)" nbdclone "$p50"
   record "M1 FLUSH after ${M1_BURST} random 4K writes, p99 (ms)" nbdclone "$p99"
-  sleep 5 # let badger's flushes and compactions settle
+  sleep 2 # the periodic commit of the last writes
   NBDCLONE_CONTROL=$CTL "$BIN" status m1 -o json >"$OUT/m1status.json"
   hydrated=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["target"]["clone"]["hydrated_regions"])' "$OUT/m1status.json" 2>/dev/null ||
     python3 -c 'import json, sys, re; print(re.search(r"\"hydrated_regions\": *(\d+)", open(sys.argv[1]).read()).group(1))' "$OUT/m1status.json")
@@ -325,8 +325,7 @@ PY
   record "M1 daemon peak RSS VmHWM (MiB)" "goal" 128
   record "M1 metadata directory du (MiB)" nbdclone "$md"
   record "M1 metadata directory du (MiB)" "goal" 40
-  record "M1 metadata directory du without reserve (MiB)" nbdclone \
-    "$(echo "scale=1; ($(du -sk "$OUT/m1md" | cut -f1) - $(du -sk "$OUT/m1md/nbdclone.reserve" 2>/dev/null | cut -f1 || echo 0)) / 1024" | bc)"
+  record "M1 daemon RSS at the end VmRSS (MiB)" nbdclone "$(echo "scale=1; $(vm_kib "$DPID" VmRSS) / 1024" | bc)"
   NBDCLONE_CONTROL=$CTL "$BIN" remove m1 --force
   serve_stop
   rm -rf "$OUT/m1md" "$OUT/m1src.img" "$OUT/m1dst.img"

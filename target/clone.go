@@ -1124,13 +1124,6 @@ func (c *clone) waker(ctx context.Context, done chan struct{}) {
 		if err := c.commitIfChanged(why); err != nil {
 			c.log.Warn("periodic commit failed", "err", err)
 		}
-		before := c.md.Mode()
-		if err := c.md.CheckSpace(); err != nil {
-			c.log.Error("metadata filesystem full: switching to read-only metadata", "err", err)
-		}
-		if c.md.Mode() != before {
-			c.raiseEvent()
-		}
 	}
 }
 

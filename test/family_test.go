@@ -349,7 +349,7 @@ func TestThinClones(t *testing.T) {
 		if got < want[i] || got > want[i]+16<<10 || f.AllocatedBytes != got {
 			t.Errorf("vm%d: du %d bytes, show %d, want %d (+ at most 16 KiB of extent blocks)", i, got, f.AllocatedBytes, want[i])
 		}
-		t.Logf("vm%d: destination %d MiB apparent, %d KiB allocated (du); metadata %d KiB (du, badger files and its 32 MiB reserve)",
+		t.Logf("vm%d: destination %d MiB apparent, %d KiB allocated (du); metadata %d KiB (du)",
 			i, size>>20, got>>10, du(t, filepath.Join(d.Dir, fmt.Sprintf("vm%d.md", i)))>>10)
 	}
 }

@@ -35,14 +35,15 @@ func fillFilesystem(t *testing.T, dir string) {
 }
 
 // TestMetadataFilesystemFull: when the filesystem holding a clone's
-// metadata fills up, commits fail and the device degrades (DESIGN.md
-// invariant 7: a failed commit puts it in ro mode, where reads keep
-// working), but the daemon keeps running and its other devices keep
-// serving; removing the device and stopping the daemon still work.
+// metadata fills up, a commit that rewrites chunks already stored still
+// succeeds (their slots are overwritten in place), a commit that needs a
+// new chunk fails and the device degrades (DESIGN.md invariant 7: a
+// failed commit puts it in ro mode, where reads keep working), but the
+// daemon keeps running and its other devices keep serving; removing the
+// device and stopping the daemon still work.
 //
-// The metadata sits on a small tmpfs here; ext4 behaves the same way for
-// what matters (a write through a shared mapping into a hole of a file on
-// a full filesystem raises SIGBUS, it returns no error).
+// The metadata sits on a small tmpfs here; the store writes with pwrite,
+// so ext4 behaves the same way (ENOSPC from the write).
 func TestMetadataFilesystemFull(t *testing.T) {
 	testutil.NeedRoot(t)
 	testutil.NeedTool(t, "mount")
@@ -50,8 +51,13 @@ func TestMetadataFilesystemFull(t *testing.T) {
 	testutil.NeedTool(t, "qemu-io")
 	d := harness.Serve(t)
 	m := mounts{t}
-	const size = 64 << 20
-	src := makeSource(t, d.Dir, 50, size)
+	// 1 GiB of 4 KiB regions: a bitmap chunk (32768 regions) covers
+	// 128 MiB, so the device has 8 chunks. Data in the first 64 MiB.
+	const size, chunkSpan = 1 << 30, 128 << 20
+	src := makeSource(t, d.Dir, 50, 64<<20)
+	if err := os.Truncate(filepath.Join(d.Dir, "src.img"), size); err != nil {
+		t.Fatal(err)
+	}
 	harness.MakeImage(t, filepath.Join(d.Dir, "dest.img"), size)
 	harness.MakeImage(t, filepath.Join(d.Dir, "other.img"), 8<<20)
 	cli(t, d, "create", "other", "--table", "0 16384 linear ./other.img 0")
@@ -62,40 +68,46 @@ func TestMetadataFilesystemFull(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.mount("tmpfs", mdfs, "-t", "tmpfs", "-o", "size=48m")
-	cli(t, d, "create", "clone", "--table", "0 131072 clone ./mdfs/md ./dest.img ./src.img 8 1 no_hydration")
+	table := "0 2097152 clone ./mdfs/md ./dest.img ./src.img 8 1 no_hydration"
+	cli(t, d, "create", "clone", "--table", table)
 	qemuIO(t, d.URI("clone"), "write -P 0x11 0 4k", "flush")
 	fillFilesystem(t, mdfs)
 
-	// Many committed transactions with no space left: each flush commits
-	// the region it hydrated. They may fail (EIO), the daemon must not.
+	// Chunk 0 is stored: committing more of its bits needs no space.
+	qemuIO(t, d.URI("clone"), "write -P 0x12 64k 4k", "flush")
+	if line := cli(t, d, "status", "clone"); !strings.HasSuffix(line, " rw\n") {
+		t.Fatalf("a commit rewriting a stored chunk on a full filesystem: %q, want rw", line)
+	}
+
+	// Each flush commits a region in a chunk not stored yet: no space for
+	// it. The rounds fail (EIO), the daemon must not.
 	failed := 0
-	for i := range 64 {
-		off := int64(i+1) * 256 << 10
+	for i := 1; i < size/chunkSpan; i++ {
+		off := int64(i)*chunkSpan + 4096
 		out, err := runErr("qemu-io", "-f", "raw", "-c", fmt.Sprintf("write -P 0x22 %d 4k", off), "-c", "flush", d.URI("clone"))
 		if err != nil || strings.Contains(out, "failed") {
 			failed++
 		}
 		if r := d.CLI("", "ls"); r.Code != 0 {
-			t.Fatalf("after %d commits on a full metadata filesystem, the daemon is gone: %+v\nqemu-io: %s", i+1, r, out)
+			t.Fatalf("after %d commits on a full metadata filesystem, the daemon is gone: %+v\nqemu-io: %s", i, r, out)
 		}
 	}
-	t.Logf("%d of 64 write+flush rounds failed on the full metadata filesystem", failed)
+	t.Logf("%d of %d write+flush rounds failed on the full metadata filesystem", failed, size/chunkSpan-1)
 	line := cli(t, d, "status", "clone")
 	t.Logf("status: %s", line)
 	// A refused commit is a failed commit: dm-clone's ro mode, where
-	// reads keep working and the committed write is still there.
-	if !strings.HasSuffix(line, " ro\n") || failed != 64 {
+	// reads keep working and the committed writes are still there.
+	if !strings.HasSuffix(line, " ro\n") || failed != size/chunkSpan-1 {
 		t.Errorf("status %q after %d failed rounds: want ro, every round failing", line, failed)
 	}
 	qemuIO(t, d.URI("clone"), fmt.Sprintf("read -P 0x%02x %d 1", src[60<<20], 60<<20))
-	qemuIO(t, d.URI("clone"), "read -P 0x11 0 4k")
+	qemuIO(t, d.URI("clone"), "read -P 0x11 0 4k", "read -P 0x12 64k 4k")
 	qemuIO(t, d.URI("other"), "read -P 0x5e 0 1M")
 
 	// Only reloading the table returns to rw, once there is space again.
 	if err := os.Remove(filepath.Join(mdfs, "filler")); err != nil {
 		t.Fatal(err)
 	}
-	table := "0 131072 clone ./mdfs/md ./dest.img ./src.img 8 1 no_hydration"
 	cli(t, d, "suspend", "clone")
 	cli(t, d, "load", "clone", "--table", table)
 	cli(t, d, "resume", "clone")
@@ -105,7 +117,6 @@ func TestMetadataFilesystemFull(t *testing.T) {
 	qemuIO(t, d.URI("clone"), "write -P 0x33 1M 4k", "flush", "read -P 0x33 1M 4k", "read -P 0x11 0 4k")
 	fillFilesystem(t, mdfs)
 
-	// Closing the clone flushes badger's memtable into a new table file.
 	r := d.CLI("", "remove", "clone")
 	t.Logf("remove on a full metadata filesystem: %+v", r)
 	if r2 := d.CLI("", "ls"); r2.Code != 0 {
