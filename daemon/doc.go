@@ -46,7 +46,7 @@
 //  11. Clones naming the same path or URI share one source reader and one
 //     bounded cache (sources.go); the reader closes with its last user.
 //  12. While Run runs, the runtime's soft memory limit is derived from the
-//     built clone tables (memlimit.go: 96 MiB + Σ(2 × bitmap + 16 MiB +
+//     built clone tables (memlimit.go: 96 MiB + Σ(bitmap + 8 MiB +
 //     2 × a remote source's copy window), at least 96 MiB) and recomputed
 //     at every device event; a GOMEMLIMIT in
 //     the environment wins. Run gives the previous limit back when it ends.

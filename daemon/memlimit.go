@@ -13,33 +13,28 @@ import (
 )
 
 // The daemon's soft memory limit (debug.SetMemoryLimit). Without one the
-// garbage collector lets the heap grow to twice the live heap (GOGC=100):
-// with a 1 TiB clone of 4 KiB regions being hydrated at random, about
-// 110 MiB live (its 32 MiB bitmap, badger's memtables, table builders and
-// compactions, a commit batch) becomes 300 MiB of RSS. The limit follows
-// what the devices hold:
+// garbage collector lets the heap grow to twice the live heap (GOGC=100);
+// the limit caps that growth by what the devices hold:
 //
-//	limit = memLimitBase + Σ over built clone tables (2 × bitmap bytes + memLimitPerStore
+//	limit = memLimitBase + Σ over built clone tables (bitmap bytes + memLimitPerStore
 //	                                                  + 2 × copy window of a remote source)
 //
 // never below memLimitFloor. memLimitBase is the daemon itself (runtime,
 // control API) and room for NBD request buffers under load. A remote
 // source's copy window (blockdev.DefaultWindowBytes, 64 MiB) is in buffers
 // while it hydrates; without room for it the collector ran back to back
-// and H2 took 1.3–1.5 s of CPU instead of 0.8. A clone holds its in-core bitmap (one
-// bit per region, for as long as the table is built) and a metadata store
-// whose busy-time memory grows with the bitmap: commits rewrite every
-// dirty chunk and badger flushes and compacts them, so the store of a
-// randomly hydrated bitmap needs about as much again as the bitmap, plus
-// a fixed part (memtables, pooled table builders). A limit below what is
-// live only burns CPU: the collector runs back to back (the runtime caps it
-// at about half the CPU, then lets the heap exceed the limit), which cut
-// the M1 hydration rate to a third at 96 MiB for 1 TiB. The limit is soft:
-// it never fails an allocation. A GOMEMLIMIT in the environment wins: the
-// daemon then leaves the limit alone.
+// and H2 took 1.3–1.5 s of CPU instead of 0.8. A clone holds its in-core
+// bitmap (one bit per region, for as long as the table is built) and a
+// metadata store that holds one commit batch at a time (about 1 MiB coded
+// and its journal image) and a 1 MiB read buffer while it loads. A limit
+// below what is live only burns CPU: the collector runs back to back (the
+// runtime caps it at about half the CPU, then lets the heap exceed the
+// limit), which cut the M1 hydration rate to a third when badger held the
+// metadata. The limit is soft: it never fails an allocation. A GOMEMLIMIT
+// in the environment wins: the daemon then leaves the limit alone.
 const (
 	memLimitBase     = 96 << 20
-	memLimitPerStore = 16 << 20
+	memLimitPerStore = 8 << 20
 	memLimitFloor    = memLimitBase
 )
 
@@ -54,7 +49,7 @@ type cloneMemory struct {
 func memoryLimit(clones []cloneMemory) int64 {
 	limit := int64(memLimitBase)
 	for _, c := range clones {
-		limit += 2*c.bitmap + memLimitPerStore + 2*c.window
+		limit += c.bitmap + memLimitPerStore + 2*c.window
 	}
 	return max(limit, memLimitFloor)
 }

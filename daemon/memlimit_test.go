@@ -17,12 +17,12 @@ func TestMemoryLimitFormula(t *testing.T) {
 		want   int64
 	}{
 		{"no clone: the floor", nil, memLimitFloor},
-		{"a tiny clone", []cloneMemory{{bitmap: 8}}, 112*mib + 16},
-		{"two tiny clones", []cloneMemory{{bitmap: 8}, {bitmap: 8}}, 96*mib + 2*(16*mib+16)},
-		{"1 TiB, 4 KiB regions", []cloneMemory{{bitmap: tib}}, 176 * mib},
-		{"256 GiB", []cloneMemory{{bitmap: 8 * mib}}, 128 * mib},
-		{"two clones", []cloneMemory{{bitmap: tib}, {bitmap: 8 * mib}}, 96*mib + 2*tib + 16*mib + 2*8*mib + 16*mib},
-		{"a remote source's window", []cloneMemory{{bitmap: 8, window: 64 * mib}}, 240*mib + 16},
+		{"a tiny clone", []cloneMemory{{bitmap: 8}}, 104*mib + 8},
+		{"two tiny clones", []cloneMemory{{bitmap: 8}, {bitmap: 8}}, 96*mib + 2*(8*mib+8)},
+		{"1 TiB, 4 KiB regions", []cloneMemory{{bitmap: tib}}, 136 * mib},
+		{"256 GiB", []cloneMemory{{bitmap: 8 * mib}}, 112 * mib},
+		{"two clones", []cloneMemory{{bitmap: tib}, {bitmap: 8 * mib}}, 96*mib + tib + 8*mib + 8*mib + 8*mib},
+		{"a remote source's window", []cloneMemory{{bitmap: 8, window: 64 * mib}}, 232*mib + 8},
 	} {
 		if got := memoryLimit(tc.clones); got != tc.want {
 			t.Errorf("%s: limit %d MiB, want %d MiB", tc.name, got/mib, tc.want/mib)
@@ -83,7 +83,7 @@ func TestDaemonMemoryLimitFollowsDevices(t *testing.T) {
 	if _, err := c.Create(ctx, "a", "0 131072 clone md dst src 8", "/data"); err != nil { // 64 MiB: 2 KiB of bitmap
 		t.Fatal(err)
 	}
-	want := int64(memLimitBase + 2*2048 + memLimitPerStore)
+	want := int64(memLimitBase + 2048 + memLimitPerStore)
 	if got := limit(); got != want {
 		t.Fatalf("after a clone: limit %d, want %d", got, want)
 	}
@@ -93,14 +93,14 @@ func TestDaemonMemoryLimitFollowsDevices(t *testing.T) {
 	if _, err := c.Create(ctx, "other", "0 64 fake", ""); err != nil {
 		t.Fatal(err)
 	}
-	want2 := int64(memLimitBase + 2*2048 + memLimitPerStore + 2*512 + memLimitPerStore)
+	want2 := int64(memLimitBase + 2048 + memLimitPerStore + 512 + memLimitPerStore)
 	if got := limit(); got != want2 {
 		t.Fatalf("after a second clone and a device of another type: limit %d, want %d", got, want2)
 	}
 	if err := c.Remove(ctx, "a", false); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := limit(), int64(memLimitBase+2*512+memLimitPerStore); got != want {
+	if got, want := limit(), int64(memLimitBase+512+memLimitPerStore); got != want {
 		t.Fatalf("after removing the first clone: limit %d, want %d", got, want)
 	}
 	if err := c.Remove(ctx, "b", false); err != nil {
