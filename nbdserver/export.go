@@ -26,9 +26,11 @@ type Export interface {
 	// in NBD_INFO_BLOCK_SIZE.
 	PreferredBlockSize() uint32
 
-	// ReadAt fills all of p or fails. An *OffsetError tells the server which
-	// leading bytes of p are valid, so a client with structured replies
-	// keeps them.
+	// ReadAt fills all of p or fails. p is a reused buffer that holds an
+	// earlier request's data, possibly another export's, and all of it is
+	// sent on success: an export must write every byte, zeroes included.
+	// An *OffsetError tells the server which leading bytes of p are valid,
+	// so a client with structured replies keeps them.
 	ReadAt(ctx context.Context, p []byte, off int64) error
 	// WriteAt writes all of p; fua: durable before returning. p belongs to
 	// the server again once WriteAt returns.
