@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -114,9 +115,11 @@ func TestStatusLine(t *testing.T) {
 			t.Fatalf("message %v: %v", m, err)
 		}
 	}
-	want = "8 1/2 8 0/16384 0 1 no_hydration 4 hydration_threshold 7 hydration_batch_size 3 rw"
-	if got := c.Status(); got != want {
-		t.Fatalf("status after messages\n got %q\nwant %q", got, want)
+	// Between enable_hydration and disable_hydration the sweep may copy
+	// a few regions: the counts are not compared.
+	after := regexp.MustCompile(`^8 [12]/2 8 \d+/16384 0 1 no_hydration 4 hydration_threshold 7 hydration_batch_size 3 rw$`)
+	if got := c.Status(); !after.MatchString(got) {
+		t.Fatalf("status after messages\n got %q\nwant %s", got, after)
 	}
 	bad := map[string][]string{
 		"Invalid argument":          {},
