@@ -289,8 +289,7 @@ func (kv *fileKV) Put(entries []Entry) error {
 	binary.LittleEndian.PutUint32(b[0:], journalMagic)
 	binary.LittleEndian.PutUint32(b[4:], uint32(len(entries)))
 	binary.LittleEndian.PutUint64(b[8:], uint64(len(b)-journalHeaderSize))
-	binary.LittleEndian.PutUint32(b[16:], 0)
-	binary.LittleEndian.PutUint32(b[20:], 0)
+	clear(b[16:journalHeaderSize]) // the CRC covers the header with itself zero
 	binary.LittleEndian.PutUint32(b[16:], crc32.Checksum(b, castagnoli))
 	if _, err := kv.journal.WriteAt(b, 0); err != nil {
 		return fmt.Errorf("writing the journal: %w", err)

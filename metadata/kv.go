@@ -7,9 +7,10 @@ type KV interface {
 	Get(key []byte) ([]byte, error)
 	// Scan calls fn for every key with the prefix, in key order.
 	Scan(prefix []byte, fn func(key, value []byte) error) error
-	// Put writes all entries durably (synced) before returning, all or
-	// none. Put keeps no reference to the entries once it returns (a
-	// commit reuses their buffer for its next batch).
+	// Put writes all entries durably (synced) before returning; across a
+	// crash it is all or none (a failed Put's entries may be completed at
+	// the next open). Put keeps no reference to the entries once it
+	// returns (a commit reuses their buffer for its next batch).
 	Put(entries []Entry) error
 	Close() error
 }

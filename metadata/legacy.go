@@ -42,12 +42,29 @@ func migrateBadger(dir string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	dbOpen := true
-	defer func() {
-		if dbOpen {
-			db.Close()
-		}
-	}()
+	defer db.Close() // idempotent: a no-op after the checked Close below
+	keys, err := copyBadger(db, dir)
+	if err != nil {
+		return err
+	}
+	// Closed before its files go: closing may still write them.
+	if err := db.Close(); err != nil {
+		return err
+	}
+	if err := os.Remove(filepath.Join(dir, badgerManifest)); err != nil {
+		return fmt.Errorf("removing badger's manifest: %w", err)
+	}
+	if err := syncDir(dir); err != nil {
+		return err
+	}
+	log.Info("metadata converted from badger to the file store", "dir", dir, "keys", keys)
+	return removeBadgerLeftovers(dir)
+}
+
+// copyBadger copies every key of db into a file store in dir, in Puts of
+// about commitBatchBytes, and returns how many it copied. A store with keys
+// but no superblock is refused before the file store is created.
+func copyBadger(db *badger.DB, dir string) (keys int, err error) {
 	foreign := false
 	err = db.View(func(txn *badger.Txn) error {
 		if _, err := txn.Get(keySuperblock); !errors.Is(err, badger.ErrKeyNotFound) {
@@ -60,32 +77,21 @@ func migrateBadger(dir string, log *slog.Logger) error {
 		return nil
 	})
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if foreign {
-		return fmt.Errorf("%w: %s holds a key-value store without an nbdclone superblock", ErrNotStore, dir)
+		return 0, fmt.Errorf("%w: %s holds a key-value store without an nbdclone superblock", ErrNotStore, dir)
 	}
 	dst, err := openFileKV(dir)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	dstOpen := true
-	defer func() {
-		if dstOpen {
-			dst.Close()
-		}
-	}()
 	var batch []Entry
-	size, keys := 0, 0
-	flush := func() error {
-		if len(batch) == 0 {
-			return nil
-		}
-		if err := dst.Put(batch); err != nil {
-			return err
-		}
+	size := 0
+	put := func() error {
+		err := dst.Put(batch)
 		batch, size = batch[:0], 0
-		return nil
+		return err
 	}
 	err = db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{})
@@ -100,32 +106,20 @@ func migrateBadger(dir string, log *slog.Logger) error {
 			size += len(v)
 			keys++
 			if size >= commitBatchBytes {
-				if err := flush(); err != nil {
+				if err := put(); err != nil {
 					return err
 				}
 			}
 		}
-		return flush()
+		if len(batch) == 0 {
+			return nil
+		}
+		return put()
 	})
-	if err != nil {
-		return err
+	if cerr := dst.Close(); err == nil {
+		err = cerr
 	}
-	dbOpen = false
-	if err := db.Close(); err != nil {
-		return err
-	}
-	dstOpen = false
-	if err := dst.Close(); err != nil {
-		return err
-	}
-	if err := os.Remove(filepath.Join(dir, badgerManifest)); err != nil {
-		return fmt.Errorf("removing badger's manifest: %w", err)
-	}
-	if err := syncDir(dir); err != nil {
-		return err
-	}
-	log.Info("metadata converted from badger to the file store", "dir", dir, "keys", keys)
-	return removeBadgerLeftovers(dir)
+	return keys, err
 }
 
 // removeBadgerLeftovers removes what a conversion left of badger's files
