@@ -16,14 +16,17 @@
 #       with default knobs (the source's window applies), create → wait
 #       (includes the final commit and fsync), vs nbdcopy --flush of the same
 #       export to a local file, and vs nbdkit's cow filter (cow-on-read=true)
-#       read through by nbdcopy. Then the time to the first byte of a cold
-#       4 KiB read through a clone vs a read from the source itself (median
-#       and p99 of H2_READS reads at distinct offsets, in ms). Last, fio 4 KiB
-#       random reads (QD32) of hydrated regions while hydration from a source
-#       behind rdelay=5ms runs, vs the same with hydration disabled.
+#       read through by nbdcopy (as it is, and with a sync before it exits,
+#       since its overlay is never synced otherwise). Then the time to the
+#       first byte of a cold 4 KiB read through a clone vs a read from the
+#       source itself (median and p99 of H2_READS reads at distinct offsets,
+#       in ms). Last, fio 4 KiB random reads (QD32) of hydrated regions while
+#       hydration from a source behind rdelay=5ms runs, vs the same with
+#       hydration disabled.
 #   S1  serving a hydrated clone: fio ioengine=nbd 4 KiB randread and
 #       randwrite at iodepth 32, and 1 MiB sequential read and write, vs
-#       nbdkit file and qemu-nbd -f raw serving the destination file directly.
+#       nbdkit file and qemu-nbd -f raw serving the destination file directly;
+#       each repetition starts with the next server, each run after a sync.
 set -euo pipefail
 
 BIN=$(realpath "${1:-bin/nbdclone}")
@@ -154,11 +157,17 @@ h2_nbdcopy() { # source URI → seconds
   rm -f "$OUT/cp2.img"
   echo "$t1 - $t0" | bc
 }
-h2_cow() { # [rdelay] → seconds (the overlay lives in TMPDIR)
-  local t0 t1 delay=()
-  [ -n "${1:-}" ] && delay=(--filter=delay)
+# nbdkit's cow overlay is a deleted file in TMPDIR that nothing ever syncs,
+# while nbdclone and nbdcopy --flush end with their copy on disk. So cow runs
+# twice: as it is, and with a sync before nbdkit exits (the overlay's dirty
+# pages written, which is what the others' final fsync costs them).
+h2_cow() { # sync|nosync [rdelay] → seconds (the overlay lives in TMPDIR)
+  local t0 t1 delay=() run='nbdcopy "$uri" null:'
+  [ "$1" = sync ] && run="$run && sync"
+  [ -n "${2:-}" ] && delay=(--filter=delay)
+  sync
   t0=$(now)
-  nbdkit -U - --filter=cow "${delay[@]}" file "$OUT/src.img" cow-on-read=true ${1:+rdelay=$1} --run 'nbdcopy "$uri" null:'
+  nbdkit -U - --filter=cow "${delay[@]}" file "$OUT/src.img" cow-on-read=true ${2:+rdelay=$2} --run "$run"
   t1=$(now)
   echo "$t1 - $t0" | bc
 }
@@ -181,10 +190,12 @@ PY
 for _ in $(seq "$REPS"); do
   record "H2 hydrate from nbdkit (s)" nbdclone "$(h2_clone "nbd+unix:///?socket=$OUT/src.sock")"
   record "H2 hydrate from nbdkit (s)" "nbdcopy --flush" "$(h2_nbdcopy "nbd+unix:///?socket=$OUT/src.sock")"
-  record "H2 hydrate from nbdkit (s)" "nbdkit cow-on-read + nbdcopy" "$(h2_cow)"
+  record "H2 hydrate from nbdkit (s)" "nbdkit cow-on-read + nbdcopy" "$(h2_cow nosync)"
+  record "H2 hydrate from nbdkit (s)" "nbdkit cow-on-read + nbdcopy + sync" "$(h2_cow sync)"
   record "H2 hydrate from nbdkit rdelay=2ms (s)" nbdclone "$(h2_clone "nbd+unix:///?socket=$OUT/srcd.sock")"
   record "H2 hydrate from nbdkit rdelay=2ms (s)" "nbdcopy --flush" "$(h2_nbdcopy "nbd+unix:///?socket=$OUT/srcd.sock")"
-  record "H2 hydrate from nbdkit rdelay=2ms (s)" "nbdkit cow-on-read + nbdcopy" "$(h2_cow 2ms)"
+  record "H2 hydrate from nbdkit rdelay=2ms (s)" "nbdkit cow-on-read + nbdcopy" "$(h2_cow nosync 2ms)"
+  record "H2 hydrate from nbdkit rdelay=2ms (s)" "nbdkit cow-on-read + nbdcopy + sync" "$(h2_cow sync 2ms)"
 done
 # Time to first byte: reads of cold regions (no_hydration keeps them cold).
 for src in "src" "srcd"; do
@@ -250,12 +261,18 @@ side = j["write"] if "write" in sys.argv[2] else j["read"]
 print(side["bw_bytes"] / 2**20 if sys.argv[2] in ("read", "write") else side["iops"])
 PY
 }
-for _ in $(seq "$REPS"); do
-  for who in nbdclone "nbdkit file" "qemu-nbd"; do
-    record "S1 4K randread QD32 (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randread 4k 32)"
-    record "S1 4K randwrite QD32 (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randwrite 4k 32)"
-    record "S1 1M seq read QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" read 1M 8)"
-    record "S1 1M seq write QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" write 1M 8)"
+# Each repetition starts with the next server (so none always runs right
+# after another's writes), and every run starts with no dirty page left by
+# the one before it (sync): a write's writeback otherwise lands on whoever
+# runs next.
+S1_ALL=(nbdclone "nbdkit file" "qemu-nbd")
+for rep in $(seq "$REPS"); do
+  for i in 0 1 2; do
+    who=${S1_ALL[$(((rep - 1 + i) % 3))]}
+    sync; record "S1 4K randread QD32 (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randread 4k 32)"
+    sync; record "S1 4K randwrite QD32 (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randwrite 4k 32)"
+    sync; record "S1 1M seq read QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" read 1M 8)"
+    sync; record "S1 1M seq write QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" write 1M 8)"
   done
 done
 "$BIN" remove h --force
