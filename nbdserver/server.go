@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -488,6 +489,7 @@ type conn struct {
 	writing bool
 	pending net.Buffers // queued reply buffers, in order
 	spare   net.Buffers // the previous batch's slice, reused
+	unsent  net.Buffers // the batch being written (WriteTo consumes it); writer only
 	queued  uint64      // replies queued so far
 	written uint64      // replies written (or abandoned after werr)
 	// werr is the first reply write error. After it, no reply can be
@@ -592,6 +594,10 @@ type admission struct {
 	maxRequests int
 	maxBytes    int64
 
+	// inFlight mirrors requests for readers that must not take mu: a
+	// reply's writer asks whether other replies may be about to queue.
+	inFlight atomic.Int32
+
 	mu sync.Mutex
 	// Guarded by mu.
 	requests int
@@ -609,6 +615,7 @@ func (a *admission) acquire(stop <-chan struct{}, n int64) bool {
 		if a.requests < a.maxRequests && (a.bytes+n <= a.maxBytes || a.requests == 0) {
 			a.requests++
 			a.bytes += n
+			a.inFlight.Add(1)
 			a.mu.Unlock()
 			return true
 		}
@@ -627,6 +634,7 @@ func (a *admission) release(n int64) {
 	a.mu.Lock()
 	a.requests--
 	a.bytes -= n
+	a.inFlight.Add(-1)
 	if a.changed != nil {
 		close(a.changed)
 		a.changed = nil
