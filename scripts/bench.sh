@@ -6,6 +6,7 @@
 #
 #   scripts/bench.sh [path/to/nbdclone]
 #   SIZE_MB=1024 REPS=5 FIO_SECONDS=8 scripts/bench.sh
+#   CASES="H2" H2_REPS=10 scripts/bench.sh   # H2 alone, 10 repetitions
 #
 # Cases:
 #   H1  full hydration of a local file (page cache warm), tuned threshold and
