@@ -35,8 +35,10 @@
 //     WRITE_ZEROES, EINVAL otherwise, as the spec asks.
 //  3. The stream never loses framing. Every request but NBD_CMD_DISC gets
 //     exactly one reply (or the connection is closed); a WRITE's payload is
-//     always consumed, even when the WRITE is rejected; each reply is written
-//     whole under one lock. A protocol violation the server cannot answer
+//     always consumed, even when the WRITE is rejected; each reply is queued
+//     whole and written by one writer at a time, in queue order (replies
+//     queued while requests are in flight share a writev; the writer yields
+//     once to let them). A protocol violation the server cannot answer
 //     (bad magic, unknown client flags, oversized option) closes only that
 //     connection.
 //  4. Export errors never close the connection. One wrapping a
