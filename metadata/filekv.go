@@ -289,8 +289,8 @@ func (kv *fileKV) Put(entries []Entry) error {
 	binary.LittleEndian.PutUint32(b[0:], journalMagic)
 	binary.LittleEndian.PutUint32(b[4:], uint32(len(entries)))
 	binary.LittleEndian.PutUint64(b[8:], uint64(len(b)-journalHeaderSize))
-	clear(b[16:journalHeaderSize]) // the CRC covers the header with itself zero
-	binary.LittleEndian.PutUint32(b[16:], crc32.Checksum(b, castagnoli))
+	clear(b[20:journalHeaderSize])
+	binary.LittleEndian.PutUint32(b[16:], journalCRC(b))
 	if _, err := kv.journal.WriteAt(b, 0); err != nil {
 		return fmt.Errorf("writing the journal: %w", err)
 	}
@@ -298,6 +298,16 @@ func (kv *fileKV) Put(entries []Entry) error {
 		return fmt.Errorf("syncing the journal: %w", err)
 	}
 	return kv.applyLocked(entries)
+}
+
+// journalCRC is the CRC-32C of a journal image (header and records) with
+// the header's CRC field (bytes 16–19) taken as zero: what Put stores
+// there and replay checks.
+func journalCRC(b []byte) uint32 {
+	var zero [4]byte
+	c := crc32.Update(0, castagnoli, b[:16])
+	c = crc32.Update(c, castagnoli, zero[:])
+	return crc32.Update(c, castagnoli, b[20:])
 }
 
 // applyLocked writes entries to their slots and syncs the file.
@@ -344,9 +354,7 @@ func (kv *fileKV) replay() error {
 	if _, err := kv.journal.ReadAt(b, 0); err != nil {
 		return fmt.Errorf("reading the journal: %w", err)
 	}
-	want := binary.LittleEndian.Uint32(b[16:])
-	binary.LittleEndian.PutUint32(b[16:], 0)
-	if crc32.Checksum(b, castagnoli) != want {
+	if journalCRC(b) != binary.LittleEndian.Uint32(b[16:]) {
 		return nil
 	}
 	count := binary.LittleEndian.Uint32(b[4:])
