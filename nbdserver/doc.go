@@ -38,22 +38,25 @@
 //     always consumed, even when the WRITE is rejected; each reply is queued
 //     whole and written by one writer at a time, in queue order (replies
 //     queued while requests are in flight share a writev; the writer yields
-//     once to let them). A protocol violation the server cannot answer
-//     (bad magic, unknown client flags, oversized option) closes only that
-//     connection.
+//     once to let them). A worker does not wait for its reply to be
+//     written: the writer gives back the reply's read buffer and the
+//     request's admission once it is. A protocol violation the server
+//     cannot answer (bad magic, unknown client flags, oversized option)
+//     closes only that connection.
 //  4. Export errors never close the connection. One wrapping a
 //     syscall.Errno is sent as that errno when the spec defines it (EDQUOT
 //     and EFBIG as ENOSPC, EROFS as EPERM), anything else as EIO.
 //  5. Memory per connection is bounded before it is allocated: option data
 //     ≤ 64 KiB; at most MaxInFlight requests and MaxInFlightBytes of READ and
-//     WRITE payload in flight, beyond which the reader stops reading the
-//     socket. A rejected WRITE's payload is skipped, not buffered. A
+//     WRITE payload in flight (a request is in flight until its reply is
+//     written), beyond which the reader stops reading the socket. A rejected WRITE's payload is skipped, not buffered. A
 //     BLOCK_STATUS reply is at most 128 KiB per selected context.
 //  6. A slow request does not hold back the ones behind it: each runs in its
 //     own worker and replies as soon as it is done, in any order (the spec
 //     allows it). Only a connection's full in-flight budget stops reading.
-//  7. A reply never carries bytes the request did not read: pooled read
-//     buffers are cleared before the Export fills them.
+//  7. A reply never carries bytes the request did not read: Export.ReadAt
+//     fills all of p or fails, and after a failure only the bytes before an
+//     OffsetError's offset are sent (pooled read buffers are not cleared).
 //  8. BLOCK_STATUS needs structured replies and a context selected with
 //     NBD_OPT_SET_META_CONTEXT for the very export entered (EINVAL
 //     otherwise), 0 < length, and the range within the export. The reply

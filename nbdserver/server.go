@@ -479,22 +479,32 @@ type conn struct {
 	work     chan workItem
 	nworkers int // workers started; only the read loop touches it
 
-	// Replies are combined: whoever finds no write in progress becomes the
-	// writer and sends everything queued in one writev, then anything
-	// queued meanwhile, so replies never interleave and a busy connection
-	// makes one syscall for many replies.
-	wmu   sync.Mutex
-	wcond *sync.Cond // signalled after each batch is written; uses wmu
+	// Replies are queued, not waited for: whoever finds no write in
+	// progress becomes the writer and sends everything queued in one
+	// writev, then anything queued meanwhile, so replies never interleave
+	// and a busy connection makes one syscall for many replies. The writer
+	// gives back what each written reply held (its pooled buffer, its
+	// admission), so a request stays in flight until its reply is out.
+	wmu sync.Mutex
 	// Guarded by wmu:
 	writing bool
 	pending net.Buffers // queued reply buffers, in order
-	spare   net.Buffers // the previous batch's slice, reused
-	unsent  net.Buffers // the batch being written (WriteTo consumes it); writer only
-	queued  uint64      // replies queued so far
-	written uint64      // replies written (or abandoned after werr)
+	arena   []byte      // copies of the pending replies' headers
+	owed    []owed      // what the pending replies hold, in order
+	// The previous batch's slices, reused for the next one.
+	spare      net.Buffers
+	spareArena []byte
+	spareOwed  []owed
+	unsent     net.Buffers // the batch being written (WriteTo consumes it); writer only
 	// werr is the first reply write error. After it, no reply can be
 	// framed correctly any more, so none is attempted.
 	werr error
+}
+
+// owed is what a queued reply holds until it is written.
+type owed struct {
+	pooled *[]byte // a read buffer the reply's data is in, or nil
+	held   int64   // the request's admitted payload bytes
 }
 
 // workItem is one request handed to a worker.

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
@@ -455,6 +456,45 @@ func TestMaxInFlightBoundsConcurrency(t *testing.T) {
 				t.Fatalf("%d requests reached the export at once, want 2", m)
 			}
 		})
+	}
+}
+
+// A request stays in flight until its reply is written: a client that
+// sends reads and does not read the replies makes the server stop reading
+// once the socket is full and MaxInFlight replies wait, instead of reading
+// every request and keeping its reply in memory.
+func TestUnwrittenRepliesStayInFlight(t *testing.T) {
+	e, disk, _ := twoExports(t)
+	srv := startServer(t, e, Options{MaxInFlight: 4, MaxPayload: 64 << 10, MaxInFlightBytes: 256 << 10})
+	rc := connect(t, srv.sock, "disk", false)
+	const requests, size = 64, 64 << 10 // 4 MiB of replies
+	for i := range requests {
+		rc.request(nbdwire.CmdRead, 0, uint64(i), uint64(i%(testSize/size))*size, size, nil)
+	}
+	// Wait until the server stops calling the export.
+	last, stable := int64(-1), 0
+	for deadline := time.Now().Add(20 * time.Second); stable < 6; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the export is still being called: %d calls", disk.calls.Load())
+		}
+		time.Sleep(50 * time.Millisecond)
+		if n := disk.calls.Load(); n == last {
+			stable++
+		} else {
+			last, stable = n, 0
+		}
+	}
+	if last >= requests {
+		t.Fatalf("the server read all %d requests while none of their replies could be written", requests)
+	}
+	t.Logf("%d reads served before the client read a reply", last)
+	seen := map[uint64]bool{}
+	for range requests {
+		errno, handle, data := rc.readSimple(size)
+		if errno != 0 || seen[handle] || len(data) != size {
+			t.Fatalf("reply errno %d handle %d len %d (seen %v)", errno, handle, len(data), seen)
+		}
+		seen[handle] = true
 	}
 }
 
