@@ -16,6 +16,10 @@
 //     works. WriteZeroes always leaves zeroes that read back, natively where
 //     it can, with zero buffers where it can't.
 //   - Sync is fdatasync: everything written before it is durable after it.
+//   - A read-write File (a destination) has the kernel's readahead off
+//     (POSIX_FADV_RANDOM), so its page cache holds 4 KiB pages, never the
+//     large folios into which 4 KiB writes are slow; ReadAt reads ahead of
+//     one sequential stream itself with POSIX_FADV_WILLNEED (readahead.go).
 //   - Close is idempotent; calls after Close return ErrClosed.
 //   - Remote sources (NBD, http) never write and only read: NBD is used
 //     read-only (no write command is ever sent), http only with HEAD and

@@ -21,6 +21,9 @@ type File struct {
 	// noZeroRange is set once fallocate(ZERO_RANGE) reported EOPNOTSUPP, so
 	// WriteZeroes goes straight to its fallback afterwards.
 	noZeroRange atomic.Bool
+	// ra does the readahead of a read-write file, whose descriptor has the
+	// kernel's turned off (readahead.go); nil for a read-only one.
+	ra *readahead
 }
 
 var (
@@ -72,6 +75,14 @@ func openFile(path string, readOnly bool) (*File, error) {
 		f.Close()
 		return nil, fmt.Errorf("blockdev: %s is neither a regular file nor a block device", path)
 	}
+	if !readOnly {
+		// A destination: pages in 4 KiB folios, readahead done by ReadAt.
+		if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_RANDOM); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("blockdev: posix_fadvise(RANDOM) %s: %w", path, err)
+		}
+		d.ra = &readahead{}
+	}
 	return d, nil
 }
 
@@ -88,7 +99,14 @@ func (d *File) ReadAt(p []byte, off int64) (int, error) {
 	if d.closed.Load() {
 		return 0, ErrClosed
 	}
-	return d.f.ReadAt(p, off)
+	n, err := d.f.ReadAt(p, off)
+	if d.ra != nil && err == nil {
+		// After the read, so its own pages are asked for first.
+		if pfOff, pfLen := d.ra.next(off, int64(n)); pfLen > 0 {
+			prefetch(d.f.Fd(), pfOff, pfLen)
+		}
+	}
+	return n, err
 }
 
 func (d *File) WriteAt(p []byte, off int64) (int, error) {
