@@ -255,7 +255,10 @@ rm -rf "$OUT/md"; rm -f "$OUT/dst.img"; truncate -s "${SIZE_MB}M" "$OUT/dst.img"
 # fell from 116K to 13K IOPS under nbdkit file alone, the same for every
 # server, which measures the kernel and not the servers. So the image is
 # dropped and read back 4 KiB at a time without readahead before the runs
-# and again before each randwrite run.
+# and again before each randwrite run. (nbdclone's own reads never cache
+# large folios: its destination has the kernel's readahead off and it reads
+# ahead itself. The last two rows of each repetition show what that costs
+# and gains against servers whose reads do.)
 small_pages() { # file
   sync
   dd if="$1" iflag=nocache count=0 status=none # drops the file's clean pages
@@ -282,6 +285,12 @@ side = j["write"] if "write" in sys.argv[2] else j["read"]
 print(side["bw_bytes"] / 2**20 if sys.argv[2] in ("read", "write") else side["iops"])
 PY
 }
+fio_cold() { # uri → MiB/s of one pass of 128 KiB sequential reads at QD4 over the dropped image
+  sync; dd if="$OUT/dst.img" iflag=nocache count=0 status=none
+  fio --name=b --ioengine=nbd --uri="$1" --rw=read --bs=128k --iodepth=4 --size="${SIZE_MB}M" \
+    --output-format=json --output="$OUT/fio.json" >/dev/null 2>&1
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["bw_bytes"] / 2**20)' "$OUT/fio.json"
+}
 # Each repetition starts with the next server (so none always runs right
 # after another's writes), and every run starts with no dirty page left by
 # the one before it (sync): a write's writeback otherwise lands on whoever
@@ -295,6 +304,11 @@ for rep in $(seq "$REPS"); do
     record "S1 4K randwrite QD32 (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randwrite 4k 32)"
     sync; record "S1 1M seq read QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" read 1M 8)"
     sync; record "S1 1M seq write QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" write 1M 8)"
+    # A guest's first pass over its disk (a boot, a backup, a scan), then
+    # small random writes to what it read: the page cache is then what
+    # the server's reads left in it.
+    record "S1 cold 128K seq read QD4 (MiB/s)" "$who" "$(fio_cold "${URIS[$who]}")"
+    record "S1 4K randwrite QD32 after a seq read (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randwrite 4k 32)"
   done
 done
 "$BIN" remove h --force
