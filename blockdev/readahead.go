@@ -22,7 +22,7 @@ const (
 	raSlack     = 4 << 20 // how far from the stream's end a read still continues it
 	raMinWindow = 2 << 20 // prefetch window: 16 reads ahead, within these bounds
 	raMaxWindow = 16 << 20
-	raMinRun    = 2 // sequential reads before prefetching starts
+	raMinRun    = 2 // reads that continue a stream before it is prefetched
 )
 
 // readahead follows one sequential stream of reads, out of order by up to
