@@ -76,8 +76,8 @@ type SourceCacheReporter interface {
 // Handle returns a Reader for one user. Its Close calls release (once)
 // instead of closing the shared reader: the owner closes that with Close
 // when the last user left. A handle of a remote source is also a Remote and
-// an Identifier, one of a local file has its descriptor (Fd); every handle
-// is a Mapper and a ContextReader.
+// an Identifier, one of a local file has its descriptor (Fd) and is a
+// Splicer; every handle is a Mapper and a ContextReader.
 func (s *SharedSource) Handle(release func()) Reader {
 	s.mu.Lock()
 	s.users++
@@ -325,11 +325,23 @@ func (h *sourceHandle) Close() error {
 type remoteHandle struct{ *sourceHandle }
 
 // fileHandle is a handle of a local file or block device: it gives the
-// copier the descriptor for copy_file_range, which bypasses the cache (the
-// kernel's page cache shares a local source between clones already).
+// copier the descriptor for copy_file_range, and a server reads spliced
+// into a pipe, both bypassing the cache (the kernel's page cache shares a
+// local source between clones already).
 type fileHandle struct{ *sourceHandle }
 
 func (h *fileHandle) Fd() uintptr { return h.s.src.(interface{ Fd() uintptr }).Fd() }
+
+func (h *fileHandle) SpliceTo(pipe int, off int64, n int, dataOnly bool) error {
+	if h.closed.Load() {
+		return ErrClosed
+	}
+	s, ok := h.s.src.(Splicer)
+	if !ok {
+		return ErrNoSplice
+	}
+	return s.SpliceTo(pipe, off, n, dataOnly)
+}
 
 func (h *remoteHandle) Window() (int64, int64)   { return h.s.src.(Remote).Window() }
 func (h *remoteHandle) RemoteStats() RemoteStats { return h.s.src.(Remote).RemoteStats() }

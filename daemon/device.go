@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbdclone/nbdclone/blockdev"
 	"github.com/nbdclone/nbdclone/nbdserver"
 	"github.com/nbdclone/nbdclone/target"
 )
@@ -314,6 +315,19 @@ func (d *device) do(ctx context.Context, io func(target.Target) error) error {
 
 func (d *device) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return d.do(ctx, func(t target.Target) error { return t.ReadAt(ctx, p, off) })
+}
+
+// SpliceTo is ReadAt into a pipe (nbdserver.Splicer), where the live
+// target reads straight from a file. The pipe holds its pages, not the
+// file, so a live swap may close the file once this returns.
+func (d *device) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
+	return d.do(ctx, func(t target.Target) error {
+		s, ok := t.(target.Splicer)
+		if !ok {
+			return fmt.Errorf("daemon: %w", blockdev.ErrNoSplice)
+		}
+		return s.SpliceTo(ctx, pipe, off, n, dataOnly)
+	})
 }
 
 func (d *device) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {

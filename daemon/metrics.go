@@ -266,6 +266,15 @@ func metricFamilies() []metric {
 			},
 		},
 		{
+			desc: prometheus.NewDesc("nbdclone_io_read_spliced_bytes_total",
+				"Bytes of NBD reads moved from a file to the socket without a copy (splice), also counted in nbdclone_io_bytes_total.",
+				[]string{"device"}, nil),
+			kind: prometheus.CounterValue,
+			collect: func(s deviceSample, emit func(float64, ...string)) {
+				emit(float64(s.io.spliced.Load()))
+			},
+		},
+		{
 			desc: prometheus.NewDesc("nbdclone_io_in_flight", "NBD requests being served now.",
 				[]string{"device"}, nil),
 			kind: prometheus.GaugeValue,

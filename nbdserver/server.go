@@ -164,6 +164,7 @@ type Server struct {
 	opts    Options // validated
 	log     *slog.Logger
 	buffers bufferPool
+	pipes   pipePool // for spliced READ replies (splice.go)
 
 	// wg tracks every goroutine the server starts (see goFunc); Close waits
 	// for it.
@@ -189,6 +190,7 @@ func NewServer(exports Exports, opts Options) (*Server, error) {
 		exports:   exports,
 		opts:      opts,
 		log:       opts.Logger,
+		pipes:     pipePool{log: opts.Logger},
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
 	}, nil
@@ -419,6 +421,7 @@ func (s *Server) Close() error {
 		c.beginShutdown()
 	}
 	s.wg.Wait()
+	s.pipes.close()
 	return nil
 }
 
@@ -470,6 +473,11 @@ type conn struct {
 	// metaContexts are the contexts selected for exp; context ID i+1 is
 	// metaContexts[i]. Non-empty only if exp is an Extenter.
 	metaContexts []string
+	// sock is the plain socket READ replies are spliced into, and splicer
+	// the export that splices them; either nil: no splicing (TLS, or an
+	// export without files behind it).
+	sock    syscall.RawConn
+	splicer Splicer
 
 	adm     admission
 	workers sync.WaitGroup // request workers; waited for before release
@@ -505,6 +513,11 @@ type conn struct {
 type owed struct {
 	pooled *[]byte // a read buffer the reply's data is in, or nil
 	held   int64   // the request's admitted payload bytes
+	// pipe, when not nil, holds the reply's last spliced bytes, which go
+	// after the first at pending buffers of the batch (its header).
+	pipe    *pipe
+	spliced int
+	at      int
 }
 
 // workItem is one request handed to a worker.

@@ -32,6 +32,10 @@ const (
 // returns the connection is closed and no worker is running.
 func (c *conn) transmit() {
 	c.work = make(chan workItem)
+	if sp, ok := c.exp.(Splicer); ok {
+		c.splicer = sp
+		c.sock = spliceSocket(c.nc, c.tlsWriter != nil)
+	}
 	end := c.readLoop()
 	close(c.work) // idle workers exit; busy ones after their request
 	switch end {
@@ -328,6 +332,9 @@ func (c *conn) serveRead(req nbdwire.Request, held int64) {
 		c.replyOK(req, held)
 		return
 	}
+	if c.spliceable(req) && c.serveSpliced(req, held) {
+		return
+	}
 	off := int64(req.Offset)
 	bp := c.s.buffers.get(n)
 	buf := *bp
@@ -593,16 +600,29 @@ func errorChunk(handle uint64, errno uint32, msg string, errOff int64) []byte {
 	return b
 }
 
-// writeBatch writes queued reply buffers: one writev on a plain socket;
-// over TLS, through a buffer, so small replies share TLS records.
-func (c *conn) writeBatch(batch net.Buffers) error {
+// writeBatch writes queued reply buffers: one writev on a plain socket,
+// cut where a reply's data is spliced from a pipe (due says where); over
+// TLS, through a buffer, so small replies share TLS records. A pipe emptied
+// into the socket goes back to the pool and leaves due.
+func (c *conn) writeBatch(batch net.Buffers, due []owed) error {
 	if c.tlsWriter == nil {
-		// WriteTo consumes the slice it is called on; a field of the
-		// connection, unlike a local, costs no allocation per batch.
-		c.unsent = batch
-		_, err := c.unsent.WriteTo(c.nc)
-		c.unsent = nil
-		return err
+		from := 0
+		for i := range due {
+			o := &due[i]
+			if o.pipe == nil {
+				continue
+			}
+			if err := c.writev(batch[from:o.at]); err != nil {
+				return err
+			}
+			if err := c.writeSpliced(o.pipe, o.spliced); err != nil {
+				return err
+			}
+			c.s.pipes.put(o.pipe)
+			o.pipe = nil
+			from = o.at
+		}
+		return c.writev(batch[from:])
 	}
 	for _, b := range batch {
 		if _, err := c.tlsWriter.Write(b); err != nil {
@@ -610,6 +630,20 @@ func (c *conn) writeBatch(batch net.Buffers) error {
 		}
 	}
 	return c.tlsWriter.Flush()
+}
+
+// writev writes buffers in one system call (or as few as the socket
+// takes).
+func (c *conn) writev(bufs net.Buffers) error {
+	if len(bufs) == 0 {
+		return nil
+	}
+	// WriteTo consumes the slice it is called on; a field of the
+	// connection, unlike a local, costs no allocation per batch.
+	c.unsent = bufs
+	_, err := c.unsent.WriteTo(c.nc)
+	c.unsent = nil
+	return err
 }
 
 // send queues one whole reply and returns; it does not wait for the reply
@@ -633,6 +667,7 @@ func (c *conn) send(o owed, hdr []byte, data ...[]byte) {
 		c.pending = append(c.pending, c.arena[at:len(c.arena):len(c.arena)])
 	}
 	c.pending = append(c.pending, data...)
+	o.at = len(c.pending) // where spliced data, if any, goes
 	c.owed = append(c.owed, o)
 	if c.writing {
 		c.wmu.Unlock() // the writer sends it with its next batch
@@ -652,7 +687,7 @@ func (c *conn) send(o owed, hdr []byte, data ...[]byte) {
 		batch, arena, due := c.pending, c.arena, c.owed
 		c.pending, c.arena, c.owed = c.spare[:0], c.spareArena[:0], c.spareOwed[:0]
 		c.wmu.Unlock()
-		err := c.writeBatch(batch)
+		err := c.writeBatch(batch, due)
 		clear(batch) // drop references to reply buffers
 		for _, o := range due {
 			c.giveBack(o)
@@ -679,8 +714,12 @@ func (c *conn) send(o owed, hdr []byte, data ...[]byte) {
 	c.wmu.Unlock()
 }
 
-// giveBack returns what a reply held once it is written or abandoned.
+// giveBack returns what a reply held once it is written or abandoned. A
+// pipe still here was not emptied: its bytes are dropped with it.
 func (c *conn) giveBack(o owed) {
 	c.s.buffers.put(o.pooled)
+	if o.pipe != nil {
+		c.s.pipes.drop(o.pipe)
+	}
 	c.adm.release(o.held)
 }

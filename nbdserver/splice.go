@@ -1,0 +1,243 @@
+package nbdserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
+)
+
+// Splicer is an optional interface of an Export whose reads can come
+// straight from a file. For a large READ on a plain (not TLS) socket the
+// server then has the export move the bytes into a pipe (splice(2): the
+// pipe takes references to page-cache pages), writes the reply header and
+// moves them on from the pipe into the socket: the data is never copied
+// through the server's memory, which halves the copies of a 1 MiB read.
+type Splicer interface {
+	// SpliceTo moves the n bytes at off into the pipe whose write end is
+	// pipe, all of them, exactly the bytes ReadAt would read, or fails.
+	// With dataOnly it fails rather than move a range with a hole in it
+	// (the reply could describe the hole instead). After any failure the
+	// server drops what the pipe holds and reads the range with ReadAt,
+	// which reports errors as ReadAt does: a failure here is never sent.
+	SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error
+}
+
+// Spliced READ replies: only reads of at least spliceMin bytes (below it, a
+// copy costs less than the pipe's two system calls and the writev the
+// reply no longer shares), of at most a pipe's capacity (spanned pages
+// counted: one pipe slot per page), through at most maxPipes pipes per
+// server, kept open between reads.
+const (
+	spliceMin = 128 << 10
+	pipeSize  = 1 << 20 // the default /proc/sys/fs/pipe-max-size: no privilege needed
+	maxPipes  = 64
+	pageSize  = 4096
+)
+
+// pipe is a pipe for one spliced reply: empty whenever it is in the pool.
+type pipe struct{ r, w int }
+
+// pipePool keeps empty pipes of pipeSize for spliced replies.
+type pipePool struct {
+	log    *slog.Logger
+	warned sync.Once
+
+	mu sync.Mutex
+	// Guarded by mu.
+	free   []*pipe
+	open   int  // pipes made and not closed
+	denied bool // the kernel refused pipeSize (EPERM): no more tries
+	closed bool
+}
+
+// get returns an empty pipe, or nil when none can be had: maxPipes are in
+// use, or making one failed. Nil means the read is served from a buffer.
+func (p *pipePool) get() *pipe {
+	p.mu.Lock()
+	if k := len(p.free); k > 0 {
+		pp := p.free[k-1]
+		p.free = p.free[:k-1]
+		p.mu.Unlock()
+		return pp
+	}
+	if p.denied || p.closed || p.open >= maxPipes {
+		p.mu.Unlock()
+		return nil
+	}
+	p.open++
+	p.mu.Unlock()
+	pp, err := newPipe()
+	if err != nil {
+		p.mu.Lock()
+		p.open--
+		p.denied = p.denied || errors.Is(err, unix.EPERM)
+		p.mu.Unlock()
+		p.warned.Do(func() { p.log.Warn("nbdserver: cannot make a pipe; large reads are copied, not spliced", "err", err) })
+		return nil
+	}
+	return pp
+}
+
+// put returns an empty pipe to the pool.
+func (p *pipePool) put(pp *pipe) {
+	p.mu.Lock()
+	if !p.closed {
+		p.free = append(p.free, pp)
+		p.mu.Unlock()
+		return
+	}
+	p.open--
+	p.mu.Unlock()
+	pp.close()
+}
+
+// putOrDrop returns a pipe that may still hold bytes: an empty one is
+// kept, one with bytes in it is closed (reading them out would cost the
+// copy the pipe was meant to save).
+func (p *pipePool) putOrDrop(pp *pipe) {
+	// TIOCINQ is FIONREAD: the bytes in the pipe.
+	if queued, err := unix.IoctlGetInt(pp.r, unix.TIOCINQ); err == nil && queued == 0 {
+		p.put(pp)
+		return
+	}
+	p.drop(pp)
+}
+
+// drop closes a pipe whose contents are not wanted.
+func (p *pipePool) drop(pp *pipe) {
+	p.mu.Lock()
+	p.open--
+	p.mu.Unlock()
+	pp.close()
+}
+
+// close closes the idle pipes; pipes still in use are closed when they
+// come back.
+func (p *pipePool) close() {
+	p.mu.Lock()
+	p.closed = true
+	free := p.free
+	p.free = nil
+	p.open -= len(free)
+	p.mu.Unlock()
+	for _, pp := range free {
+		pp.close()
+	}
+}
+
+func newPipe() (*pipe, error) {
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, fmt.Errorf("pipe2: %w", os.NewSyscallError("pipe2", err))
+	}
+	pp := &pipe{r: fds[0], w: fds[1]}
+	if _, err := unix.FcntlInt(uintptr(pp.w), unix.F_SETPIPE_SZ, pipeSize); err != nil {
+		pp.close()
+		return nil, fmt.Errorf("fcntl(F_SETPIPE_SZ, %d): %w", pipeSize, err)
+	}
+	return pp, nil
+}
+
+func (pp *pipe) close() {
+	unix.Close(pp.r)
+	unix.Close(pp.w)
+}
+
+// spliceable reports whether a READ may be spliced on this connection.
+func (c *conn) spliceable(req nbdwire.Request) bool {
+	if c.sock == nil || c.splicer == nil || req.Length < spliceMin {
+		return false
+	}
+	first := req.Offset / pageSize
+	last := (req.Offset + uint64(req.Length) - 1) / pageSize
+	return last-first+1 <= pipeSize/pageSize
+}
+
+// serveSpliced answers a successful READ with its data in a pipe, or
+// reports false having sent nothing, so that the caller reads into a
+// buffer instead.
+func (c *conn) serveSpliced(req nbdwire.Request, held int64) bool {
+	pp := c.s.pipes.get()
+	if pp == nil {
+		return false
+	}
+	n := int(req.Length)
+	dataOnly := c.structured && req.Flags&nbdwire.CmdFlagDF == 0
+	if err := c.splicer.SpliceTo(c.ctx, pp.w, int64(req.Offset), n, dataOnly); err != nil {
+		c.s.pipes.putOrDrop(pp)
+		c.log.Debug("nbdserver: read not spliced; reading it into a buffer", "offset", req.Offset, "length", req.Length, "err", err)
+		return false
+	}
+	o := owed{held: held, pipe: pp, spliced: n}
+	if !c.structured {
+		var hdr [nbdwire.SimpleReplyHeaderLen]byte
+		nbdwire.PutSimpleReply(hdr[:], 0, req.Handle)
+		c.send(o, hdr[:])
+		return true
+	}
+	// One final data chunk: the bytes are in the pipe already, so no error
+	// can arise while they are sent (the spec's condition for DONE on
+	// data). dataOnly made sure there was no hole to describe.
+	var hdr [nbdwire.StructuredReplyHeaderLen + 8]byte
+	nbdwire.PutChunkHeader(hdr[:], nbdwire.ReplyFlagDone, nbdwire.ReplyTypeOffsetData, req.Handle, uint32(8+n))
+	be.PutUint64(hdr[nbdwire.StructuredReplyHeaderLen:], req.Offset)
+	c.send(o, hdr[:])
+	return true
+}
+
+// spliceSocket finds the socket under a plain connection, for splicing
+// into it; nil over TLS or on anything but a Unix or TCP socket.
+func spliceSocket(nc net.Conn, tls bool) syscall.RawConn {
+	if tls {
+		return nil
+	}
+	switch nc.(type) {
+	case *net.UnixConn, *net.TCPConn:
+	default:
+		return nil
+	}
+	rc, err := nc.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// writeSpliced moves n bytes from a pipe into the socket, waiting for room
+// in the socket as a write does.
+func (c *conn) writeSpliced(pp *pipe, n int) error {
+	var serr error
+	err := c.sock.Write(func(fd uintptr) bool {
+		for n > 0 {
+			m, err := unix.Splice(pp.r, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return false // the socket is full: wait until it is writable
+			case err != nil:
+				serr = os.NewSyscallError("splice", err)
+				return true
+			case m == 0:
+				serr = io.ErrUnexpectedEOF // the pipe ran dry: cannot happen
+				return true
+			}
+			n -= int(m)
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
