@@ -198,13 +198,16 @@ type memExports struct {
 	t            testing.TB
 	exports      map[string]*memExport
 	descriptions map[string]string
+	// wrapped, for a name, is what Lookup and Open return instead of the
+	// memExport itself (an export with optional interfaces).
+	wrapped map[string]Export
 
 	opens    atomic.Int64
 	releases atomic.Int64
 }
 
 func newMemExports(t testing.TB) *memExports {
-	return &memExports{t: t, exports: map[string]*memExport{}, descriptions: map[string]string{}}
+	return &memExports{t: t, exports: map[string]*memExport{}, descriptions: map[string]string{}, wrapped: map[string]Export{}}
 }
 
 func (e *memExports) add(name, description string, m *memExport) *memExport {
@@ -215,11 +218,14 @@ func (e *memExports) add(name, description string, m *memExport) *memExport {
 
 func (e *memExports) Lookup(name string) (Export, bool) {
 	m, ok := e.exports[name]
+	if w := e.wrapped[name]; ok && w != nil {
+		return w, true
+	}
 	return m, ok
 }
 
 func (e *memExports) Open(name string) (Export, func(), bool) {
-	m, ok := e.exports[name]
+	m, ok := e.Lookup(name)
 	if !ok {
 		return nil, nil, false
 	}
@@ -286,6 +292,11 @@ func startServer(t testing.TB, exports *memExports, opts Options) *testServer {
 		if n := len(srv.Connections()); n != 0 {
 			t.Errorf("Connections after Close: %v", srv.Connections())
 		}
+		srv.pipes.mu.Lock()
+		if srv.pipes.open != 0 {
+			t.Errorf("%d pipes still open after Close", srv.pipes.open)
+		}
+		srv.pipes.mu.Unlock()
 		checkGoroutineCount(t, before)
 	})
 	return &testServer{Server: srv, sock: sock}

@@ -1,0 +1,289 @@
+package nbdserver
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nbdclone/nbdclone/internal/nbdwire"
+)
+
+// spliceExport is a memExport that splices. SpliceTo writes the bytes into
+// the pipe (a copy, which the server cannot tell from page references),
+// refuses a range with a zero 4 KiB block under dataOnly as a file refuses
+// one with a hole, and can be made to fail after moving half of a range.
+type spliceExport struct {
+	*memExport
+	spliced  atomic.Int64 // successful SpliceTo calls
+	failNext atomic.Bool  // the next SpliceTo moves half its bytes and fails
+}
+
+var errHole = errors.New("spliceExport: a hole in a dataOnly range")
+
+func (s *spliceExport) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
+	defer s.leave()
+	if err := s.enter(ctx, "splice", off, int64(n)); err != nil {
+		return err
+	}
+	s.mu.RLock()
+	b := bytes.Clone(s.data[off : off+int64(n)])
+	s.mu.RUnlock()
+	if s.failNext.Swap(false) {
+		b = b[:n/2]
+		if err := writeAll(pipe, b); err != nil {
+			return err
+		}
+		return errInjected
+	}
+	if dataOnly {
+		for blk := (off + holeBlock - 1) / holeBlock * holeBlock; blk+holeBlock <= off+int64(n); blk += holeBlock {
+			if bytes.Equal(b[blk-off:blk-off+holeBlock], zeroBlock[:]) {
+				return errHole
+			}
+		}
+	}
+	if err := writeAll(pipe, b); err != nil {
+		return err
+	}
+	s.spliced.Add(1)
+	return nil
+}
+
+func writeAll(fd int, b []byte) error {
+	for len(b) > 0 {
+		k, err := unix.Write(fd, b)
+		if err != nil {
+			return fmt.Errorf("write to pipe: %w", err) // EAGAIN: the pipe is full
+		}
+		b = b[k:]
+	}
+	return nil
+}
+
+func spliceExports(t *testing.T, size int) (*memExports, *spliceExport) {
+	e := newMemExports(t)
+	m := e.add("disk", "", newMemExport(size, allFlags))
+	s := &spliceExport{memExport: m}
+	e.wrapped["disk"] = s
+	return e, s
+}
+
+// TestSplicedReads: reads of at least spliceMin bytes that fit a pipe are
+// spliced, with simple and structured replies, and arrive whole and right;
+// shorter and longer ones are read into a buffer.
+func TestSplicedReads(t *testing.T) {
+	const K = 1 << 10
+	e, s := spliceExports(t, 4<<20)
+	content := randomBytes(21, 4<<20)
+	s.fill(content)
+	srv := startServer(t, e, Options{})
+	for _, structured := range []bool{false, true} {
+		rc := connect(t, srv.sock, "disk", structured)
+		for i, tc := range []struct {
+			off, n  int
+			spliced bool
+		}{
+			{0, 1024 * K, true},
+			{4*K + 512, 128 * K, true},     // unaligned: 33 pages
+			{1024 * K, 128*K - 512, false}, // under spliceMin
+			{512, 1024 * K, false},         // 257 pages: more than a pipe holds
+			{3072 * K, 1024 * K, true},     // the end of the export
+		} {
+			before := s.spliced.Load()
+			h := uint64(i + 1)
+			rc.request(nbdwire.CmdRead, 0, h, uint64(tc.off), uint32(tc.n), nil)
+			var got []byte
+			var desc []string
+			if structured {
+				got, desc = rc.readChunks(h, uint64(tc.off), tc.n)
+			} else {
+				var errno uint32
+				errno, _, got = rc.readSimple(tc.n)
+				if errno != 0 {
+					t.Fatalf("read %d+%d: errno %d", tc.off, tc.n, errno)
+				}
+			}
+			if !bytes.Equal(got, content[tc.off:tc.off+tc.n]) {
+				t.Fatalf("structured %v: read %d+%d: wrong bytes from %d (chunks %v)", structured, tc.off, tc.n, firstDiff(got, content[tc.off:tc.off+tc.n]), desc)
+			}
+			if structured && len(desc) != 1 {
+				t.Fatalf("read %d+%d: chunks %v, want one data chunk", tc.off, tc.n, desc)
+			}
+			if spliced := s.spliced.Load() > before; spliced != tc.spliced {
+				t.Fatalf("structured %v: read %d+%d spliced %v, want %v", structured, tc.off, tc.n, spliced, tc.spliced)
+			}
+		}
+	}
+}
+
+// TestSplicedRepliesInterleave: a burst of spliced reads, buffered reads
+// and writes shares the writer's batches; every reply arrives whole, with
+// its own bytes.
+func TestSplicedRepliesInterleave(t *testing.T) {
+	const K = 1 << 10
+	const size = 8 << 20
+	e, s := spliceExports(t, size)
+	content := randomBytes(22, size)
+	s.fill(content)
+	srv := startServer(t, e, Options{MaxInFlight: 64, MaxInFlightBytes: 64 << 20})
+	rc := connect(t, srv.sock, "disk", false)
+	type req struct {
+		off, n int
+		write  bool
+	}
+	var reqs []req
+	for i := range 96 {
+		switch i % 3 {
+		case 0:
+			reqs = append(reqs, req{off: (i * 256 * K) % size, n: 256 * K})
+		case 1:
+			reqs = append(reqs, req{off: (i * 4 * K) % size, n: 4 * K})
+		default:
+			// Rewrites bytes with what they hold, so reads stay predictable.
+			off := (i * 8 * K) % size
+			reqs = append(reqs, req{off: off, n: 8 * K, write: true})
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var b []byte
+		for i, r := range reqs {
+			typ, payload := nbdwire.CmdRead, []byte(nil)
+			if r.write {
+				typ, payload = nbdwire.CmdWrite, content[r.off:r.off+r.n]
+			}
+			b = be.AppendUint32(b, nbdwire.RequestMagic)
+			b = be.AppendUint16(b, 0)
+			b = be.AppendUint16(b, typ)
+			b = be.AppendUint64(b, uint64(i))
+			b = be.AppendUint64(b, uint64(r.off))
+			b = be.AppendUint32(b, uint32(r.n))
+			b = append(b, payload...)
+		}
+		rc.write(b)
+	}()
+	for range reqs {
+		h := rc.read(nbdwire.SimpleReplyHeaderLen)
+		if m := be.Uint32(h); m != nbdwire.SimpleReplyMagic {
+			t.Fatalf("reply magic %#x: the stream lost its framing", m)
+		}
+		errno, handle := be.Uint32(h[4:]), be.Uint64(h[8:])
+		if errno != 0 || handle >= uint64(len(reqs)) {
+			t.Fatalf("reply errno %d handle %d", errno, handle)
+		}
+		if r := reqs[handle]; !r.write {
+			if got := rc.read(r.n); !bytes.Equal(got, content[r.off:r.off+r.n]) {
+				t.Fatalf("read %d+%d: wrong bytes from %d", r.off, r.n, firstDiff(got, content[r.off:r.off+r.n]))
+			}
+		}
+	}
+	<-done
+	if n := s.spliced.Load(); n != 32 {
+		t.Fatalf("%d reads spliced, want the 32 of 256 KiB", n)
+	}
+}
+
+// TestSplicedReadsKeepHoles: with structured replies, a range the export
+// will not splice as data only (it has a hole) is read into a buffer and
+// its zero run sent as a hole chunk; under DF it is spliced as data.
+func TestSplicedReadsKeepHoles(t *testing.T) {
+	const K = 1 << 10
+	e, s := spliceExports(t, 2<<20)
+	content := randomBytes(23, 2<<20)
+	clear(content[256*K : 512*K])
+	s.fill(content)
+	srv := startServer(t, e, Options{})
+	rc := connect(t, srv.sock, "disk", true)
+	for i, tc := range []struct {
+		flags   uint16
+		want    string
+		spliced bool
+	}{
+		{0, fmt.Sprintf("D0+%d H%d+%d D%d+%d", 256*K, 256*K, 256*K, 512*K, 512*K), false},
+		{nbdwire.CmdFlagDF, fmt.Sprintf("D0+%d", 1024*K), true},
+	} {
+		before := s.spliced.Load()
+		rc.request(nbdwire.CmdRead, tc.flags, uint64(i+1), 0, 1024*K, nil)
+		got, desc := rc.readChunks(uint64(i+1), 0, 1024*K)
+		if !bytes.Equal(got, content[:1024*K]) {
+			t.Fatalf("flags %#x: wrong bytes from %d (chunks %v)", tc.flags, firstDiff(got, content[:1024*K]), desc)
+		}
+		if d := strings.Join(desc, " "); d != tc.want {
+			t.Fatalf("flags %#x: chunks %s, want %s", tc.flags, d, tc.want)
+		}
+		if spliced := s.spliced.Load() > before; spliced != tc.spliced {
+			t.Fatalf("flags %#x: spliced %v, want %v", tc.flags, spliced, tc.spliced)
+		}
+	}
+}
+
+// TestSpliceFailureFallsBack: a splice that fails halfway is never sent:
+// the read is served from a buffer, and the pipe with its half-moved bytes
+// is not reused, so the next spliced reply carries its own bytes only.
+func TestSpliceFailureFallsBack(t *testing.T) {
+	const K = 1 << 10
+	e, s := spliceExports(t, 4<<20)
+	content := randomBytes(24, 4<<20)
+	s.fill(content)
+	srv := startServer(t, e, Options{})
+	rc := connect(t, srv.sock, "disk", false)
+	for i, off := range []int{0, 1024 * K, 2048 * K} {
+		if i == 1 {
+			s.failNext.Store(true)
+		}
+		before := s.spliced.Load()
+		rc.request(nbdwire.CmdRead, 0, uint64(i), uint64(off), 512*K, nil)
+		errno, handle, got := rc.readSimple(512 * K)
+		if errno != 0 || handle != uint64(i) {
+			t.Fatalf("read %d: errno %d handle %d", i, errno, handle)
+		}
+		if !bytes.Equal(got, content[off:off+512*K]) {
+			t.Fatalf("read %d at %d: wrong bytes from %d", i, off, firstDiff(got, content[off:off+512*K]))
+		}
+		if spliced := s.spliced.Load() > before; spliced != (i != 1) {
+			t.Fatalf("read %d: spliced %v", i, spliced)
+		}
+	}
+	// The writer gives the last pipe back after its reply is written,
+	// which may be after the client has it.
+	var open, free int
+	waitFor(t, "the last pipe back in the pool", func() bool {
+		srv.pipes.mu.Lock()
+		defer srv.pipes.mu.Unlock()
+		open, free = srv.pipes.open, len(srv.pipes.free)
+		return free > 0 || open > 1
+	})
+	if open != 1 || free != 1 {
+		t.Fatalf("%d pipes open, %d of them free; want the one that never failed", open, free)
+	}
+}
+
+// TestNoSpliceUnderTLS: over TLS the bytes must go through the session,
+// so a splicing export's reads are read into buffers.
+func TestNoSpliceUnderTLS(t *testing.T) {
+	pki := newTestPKI(t)
+	e, s := spliceExports(t, 2<<20)
+	content := randomBytes(25, 2<<20)
+	s.fill(content)
+	srv := startServer(t, e, Options{TLS: TLSOn, TLSConfig: pki.serverConfig(false)})
+	rc := dialRaw(t, srv.sock)
+	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)
+	if err := rc.startTLS(pki.clientConfig(false)); err != nil {
+		t.Fatal(err)
+	}
+	rc.goExport("disk", false)
+	rc.request(nbdwire.CmdRead, 0, 1, 0, 1<<20, nil)
+	if errno, _, got := rc.readSimple(1 << 20); errno != 0 || !bytes.Equal(got, content[:1<<20]) {
+		t.Fatalf("read over TLS: errno %d, right bytes %v", errno, bytes.Equal(got, content[:1<<20]))
+	}
+	if n := s.spliced.Load(); n != 0 {
+		t.Fatalf("%d reads spliced over TLS", n)
+	}
+}
