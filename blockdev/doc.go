@@ -20,6 +20,9 @@
 //     (POSIX_FADV_RANDOM), so its page cache holds 4 KiB pages, never the
 //     large folios into which 4 KiB writes are slow; ReadAt reads ahead of
 //     one sequential stream itself with POSIX_FADV_WILLNEED (readahead.go).
+//   - SpliceTo (a File, a local source's handle) moves a range into a pipe
+//     whole or fails; with dataOnly a range with a hole is ErrNoSplice
+//     before anything is moved. A full pipe is ErrNoSplice, never a wait.
 //   - Close is idempotent; calls after Close return ErrClosed.
 //   - Remote sources (NBD, http) never write and only read: NBD is used
 //     read-only (no write command is ever sent), http only with HEAD and

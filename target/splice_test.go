@@ -1,0 +1,76 @@
+package target
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nbdclone/nbdclone/blockdev"
+)
+
+// TestCloneSplice: a read all hydrated is spliced from the destination,
+// one all unhydrated from the source (counted as a source read, as ReadAt
+// counts it); one across both is not spliced.
+func TestCloneSplice(t *testing.T) {
+	const M = 1 << 20
+	f := newFixture(t, 4*M, 31)
+	c := startClone(t, f.line(8, "1 no_hydration"), Env{}) // the source a plain file
+	ctx := context.Background()
+	written := bytes.Repeat([]byte{0x5a}, M)
+	if err := c.WriteAt(ctx, written, M, false); err != nil {
+		t.Fatal(err)
+	}
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	defer unix.Close(fds[1])
+	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, M); err != nil {
+		t.Fatal(err)
+	}
+	pipeBytes := func() []byte {
+		var out []byte
+		buf := make([]byte, M)
+		for {
+			n, err := unix.Read(fds[0], buf)
+			if n <= 0 || err != nil {
+				return out
+			}
+			out = append(out, buf[:n]...)
+		}
+	}
+	for _, tc := range []struct {
+		name       string
+		off        int64
+		n          int
+		want       []byte
+		fromSource int64
+	}{
+		{"hydrated", M, M, written, 0},
+		{"unhydrated", 2 * M, M, f.srcData[2*M : 3*M], M},
+		{"across both", M - 4096, 8192, nil, 0},
+	} {
+		before := c.stats.sourceRead.Load()
+		err := c.SpliceTo(ctx, fds[1], tc.off, tc.n, true)
+		got := pipeBytes()
+		if tc.want == nil {
+			if !errors.Is(err, blockdev.ErrNoSplice) || len(got) != 0 {
+				t.Fatalf("%s: %v with %d bytes in the pipe, want ErrNoSplice and none", tc.name, err, len(got))
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if !bytes.Equal(got, tc.want) {
+			t.Fatalf("%s: the pipe holds %d bytes that are not the read's %d", tc.name, len(got), tc.n)
+		}
+		if d := c.stats.sourceRead.Load() - before; d != tc.fromSource {
+			t.Fatalf("%s: %d source bytes counted, want %d", tc.name, d, tc.fromSource)
+		}
+	}
+}
