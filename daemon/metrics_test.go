@@ -70,6 +70,7 @@ func TestMetricConventions(t *testing.T) {
 		"nbdclone_io_requests_total":                dto.MetricType_COUNTER,
 		"nbdclone_io_request_duration_seconds":      dto.MetricType_HISTOGRAM,
 		"nbdclone_io_in_flight":                     dto.MetricType_GAUGE,
+		"nbdclone_io_read_spliced_bytes_total":      dto.MetricType_COUNTER,
 		"nbdclone_metadata_commits_total":           dto.MetricType_COUNTER,
 		"nbdclone_metadata_commit_duration_seconds": dto.MetricType_HISTOGRAM,
 		"nbdclone_source_read_duration_seconds":     dto.MetricType_HISTOGRAM,
