@@ -183,6 +183,18 @@ func (s *devSource) ReadAtContext(ctx context.Context, p []byte, off int64) (int
 	return int(n), nil
 }
 
+// SpliceTo splices a child's read from its parent when the parent's live
+// target can (blockdev.Splicer): a family's reads are not copied either.
+func (s *devSource) SpliceTo(pipe int, off int64, n int, dataOnly bool) error {
+	if off < 0 || off+int64(n) > s.size {
+		return fmt.Errorf("daemon: splice %d+%d beyond source device %s: %w", off, n, s.parent.name, blockdev.ErrNoSplice)
+	}
+	if err := s.parent.SpliceTo(context.Background(), pipe, off, n, dataOnly); err != nil {
+		return fmt.Errorf("daemon: splicing from source device %s: %w", s.parent.name, err)
+	}
+	return nil
+}
+
 func (s *devSource) Size() int64             { return s.size }
 func (s *devSource) LogicalBlockSize() int64 { return 512 }
 

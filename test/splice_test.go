@@ -325,3 +325,26 @@ func TestSpliceMixedHydration(t *testing.T) {
 		t.Errorf("reads hydrated regions: %d, then %d", st.Hydrated, got)
 	}
 }
+
+// TestSpliceFamily reads a child clone whose source is another device
+// (dev:p, no_hydration) whose regions are all hydrated: each READ of the
+// child is spliced from the parent's destination file, through the
+// parent's target, and the copy equals the parent.
+func TestSpliceFamily(t *testing.T) {
+	testutil.NeedTool(t, "nbdcopy")
+	d, url, _ := spliceDaemon(t)
+	const size = 64 << 20
+	src := makeSource(t, d.Dir, 44, size)
+	harness.MakeImage(t, filepath.Join(d.Dir, "p.dst"), size)
+	harness.MakeImage(t, filepath.Join(d.Dir, "c.dst"), size)
+	cli(t, d, "create", "p", "--table", fmt.Sprintf("0 %d clone ./p.md ./p.dst ./src.img 128", size/sector))
+	cli(t, d, "wait", "p")
+	cli(t, d, "create", "c", "--table", fmt.Sprintf("0 %d clone ./c.md ./c.dst dev:p 8 1 no_hydration", size/sector))
+	delta := copyExport(t, url, "c", d.URI("c"), src)
+	if delta.spliced <= size/2 {
+		t.Errorf("%v bytes spliced from the child, want more than half of the %d read", delta.spliced, size)
+	}
+	if st := status(t, d, "c"); st.Hydrated != 0 {
+		t.Errorf("%d regions of the child hydrated with no_hydration and only reads", st.Hydrated)
+	}
+}
