@@ -513,8 +513,9 @@ type conn struct {
 type owed struct {
 	pooled *[]byte // a read buffer the reply's data is in, or nil
 	held   int64   // the request's admitted payload bytes
-	// pipe, when not nil, holds the reply's last spliced bytes, which go
-	// after the first at pending buffers of the batch (its header).
+	// pipe, when not nil, holds the reply's data: spliced bytes that go
+	// on the wire right after the batch's first at buffers, the last of
+	// which is the reply's header.
 	pipe    *pipe
 	spliced int
 	at      int
