@@ -19,16 +19,23 @@ import (
 func serveWithMetrics(t *testing.T, extra ...string) (*harness.Daemon, string) {
 	t.Helper()
 	d := harness.Serve(t, append([]string{"--metrics", "tcp:127.0.0.1:0"}, extra...)...)
-	re := regexp.MustCompile(`metrics=(http://127\.0\.0\.1:\d+/metrics)`)
-	var url string
-	waitFor(t, 30*time.Second, "the metrics address in the daemon's log", func() bool {
+	return d, fromLog(t, d, `metrics=(http://127\.0\.0\.1:\d+/metrics)`, "the metrics address")
+}
+
+// fromLog waits for the daemon's log to match pattern and returns the
+// first submatch: an address it chose, say.
+func fromLog(t *testing.T, d *harness.Daemon, pattern, what string) string {
+	t.Helper()
+	re := regexp.MustCompile(pattern)
+	var got string
+	waitFor(t, 30*time.Second, what+" in the daemon's log", func() bool {
 		m := re.FindStringSubmatch(d.Log())
 		if m != nil {
-			url = m[1]
+			got = m[1]
 		}
 		return m != nil
 	})
-	return d, url
+	return got
 }
 
 // metricsScrape is one /metrics read: series (`name{label="v",...}`, labels

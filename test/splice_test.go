@@ -5,11 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/nbdclone/nbdclone/internal/harness"
 	"github.com/nbdclone/nbdclone/internal/testutil"
@@ -32,16 +30,7 @@ const spliceChunk = 256 << 10
 func spliceDaemon(t *testing.T) (*harness.Daemon, string, string) {
 	t.Helper()
 	d, url := serveWithMetrics(t, "--listen", "tcp:127.0.0.1:0")
-	re := regexp.MustCompile(`\btcp:(127\.0\.0\.1:\d+)\b`)
-	var addr string
-	waitFor(t, 30*time.Second, "the TCP listener's address in the daemon's log", func() bool {
-		m := re.FindStringSubmatch(d.Log())
-		if m != nil {
-			addr = m[1]
-		}
-		return m != nil
-	})
-	return d, url, addr
+	return d, url, fromLog(t, d, `\btcp:(127\.0\.0\.1:\d+)\b`, "the TCP listener's address")
 }
 
 // readCounters are a device's read counters at one scrape.
