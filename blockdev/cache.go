@@ -332,7 +332,7 @@ type fileHandle struct{ *sourceHandle }
 
 func (h *fileHandle) Fd() uintptr { return h.s.src.(interface{ Fd() uintptr }).Fd() }
 
-func (h *fileHandle) SpliceTo(pipe int, off int64, n int, dataOnly bool) error {
+func (h *fileHandle) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
 	if h.closed.Load() {
 		return ErrClosed
 	}
@@ -340,7 +340,7 @@ func (h *fileHandle) SpliceTo(pipe int, off int64, n int, dataOnly bool) error {
 	if !ok {
 		return ErrNoSplice
 	}
-	return s.SpliceTo(pipe, off, n, dataOnly)
+	return s.SpliceTo(ctx, pipe, off, n, dataOnly)
 }
 
 func (h *remoteHandle) Window() (int64, int64)   { return h.s.src.(Remote).Window() }

@@ -1,6 +1,7 @@
 package blockdev
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
@@ -22,8 +23,9 @@ type Splicer interface {
 	// undefined and the caller must drop it. With dataOnly it fails with
 	// ErrNoSplice rather than move a range that has a hole in it, so a
 	// caller that describes holes (NBD structured replies) can read that
-	// range into a buffer instead.
-	SpliceTo(pipe int, off int64, n int, dataOnly bool) error
+	// range into a buffer instead. ctx bounds waits that are not I/O (a
+	// source device's suspension).
+	SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error
 }
 
 var _ Splicer = (*File)(nil)
@@ -31,7 +33,7 @@ var _ Splicer = (*File)(nil)
 // SpliceTo moves [off, off+n) of the file into the pipe, with the same
 // readahead as ReadAt. The pipe's end is used non-blocking: a full pipe is
 // ErrNoSplice, not a wait.
-func (d *File) SpliceTo(pipe int, off int64, n int, dataOnly bool) error {
+func (d *File) SpliceTo(_ context.Context, pipe int, off int64, n int, dataOnly bool) error {
 	if d.closed.Load() {
 		return ErrClosed
 	}

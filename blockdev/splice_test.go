@@ -44,6 +44,7 @@ func drain(t *testing.T, r int) []byte {
 }
 
 func TestSpliceMovesTheFilesBytes(t *testing.T) {
+	ctx := t.Context()
 	data := make([]byte, 1<<20)
 	rand.Read(data)
 	path := tempFile(t, data)
@@ -61,14 +62,14 @@ func TestSpliceMovesTheFilesBytes(t *testing.T) {
 		r, w := testPipe(t, 1<<20)
 		// Unaligned on both ends.
 		off, n := int64(4096+100), 300<<10
-		if err := d.SpliceTo(w, off, n, true); err != nil {
+		if err := d.SpliceTo(ctx, w, off, n, true); err != nil {
 			t.Fatalf("read-only %v: %v", ro, err)
 		}
 		if got := drain(t, r); !bytes.Equal(got, data[off:off+int64(n)]) {
 			t.Fatalf("read-only %v: the pipe holds %d bytes that are not the file's %d at %d", ro, len(got), n, off)
 		}
 		d.Close()
-		if err := d.SpliceTo(w, 0, 4096, false); !errors.Is(err, ErrClosed) {
+		if err := d.SpliceTo(ctx, w, 0, 4096, false); !errors.Is(err, ErrClosed) {
 			t.Fatalf("SpliceTo after Close: %v, want ErrClosed", err)
 		}
 	}
@@ -77,6 +78,7 @@ func TestSpliceMovesTheFilesBytes(t *testing.T) {
 // With dataOnly a range with a hole is refused before anything is moved;
 // without it the hole is moved as zeroes.
 func TestSpliceDataOnlyRefusesHoles(t *testing.T) {
+	ctx := t.Context()
 	path := tempFile(t, nil)
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
@@ -101,14 +103,14 @@ func TestSpliceDataOnlyRefusesHoles(t *testing.T) {
 	}
 	r, w := testPipe(t, 1<<20)
 	for _, rng := range [][2]int64{{1 << 20, 4096}, {(1 << 20) - 4096, 8192}, {(2 << 20) - 4096, 8192}} {
-		if err := d.SpliceTo(w, rng[0], int(rng[1]), true); !errors.Is(err, ErrNoSplice) {
+		if err := d.SpliceTo(ctx, w, rng[0], int(rng[1]), true); !errors.Is(err, ErrNoSplice) {
 			t.Fatalf("dataOnly splice of %d+%d over a hole: %v, want ErrNoSplice", rng[0], rng[1], err)
 		}
 		if got := drain(t, r); len(got) != 0 {
 			t.Fatalf("a refused splice left %d bytes in the pipe", len(got))
 		}
 	}
-	if err := d.SpliceTo(w, (1<<20)-4096, 8192, false); err != nil {
+	if err := d.SpliceTo(ctx, w, (1<<20)-4096, 8192, false); err != nil {
 		t.Fatal(err)
 	}
 	want := append(bytes.Repeat([]byte{0xab}, 4096), make([]byte, 4096)...)
@@ -120,6 +122,7 @@ func TestSpliceDataOnlyRefusesHoles(t *testing.T) {
 // A pipe too small for the range is ErrNoSplice (the caller reads into a
 // buffer instead); a file shorter than when it was opened is ErrShrunk.
 func TestSpliceFailures(t *testing.T) {
+	ctx := t.Context()
 	data := make([]byte, 256<<10)
 	rand.Read(data)
 	path := tempFile(t, data)
@@ -129,17 +132,17 @@ func TestSpliceFailures(t *testing.T) {
 	}
 	defer d.Close()
 	_, w := testPipe(t, 0) // 64 KiB
-	if err := d.SpliceTo(w, 0, 128<<10, false); !errors.Is(err, ErrNoSplice) {
+	if err := d.SpliceTo(ctx, w, 0, 128<<10, false); !errors.Is(err, ErrNoSplice) {
 		t.Fatalf("128 KiB into a 64 KiB pipe: %v, want ErrNoSplice", err)
 	}
-	if err := d.SpliceTo(w, 255<<10, 2<<10, false); err == nil {
+	if err := d.SpliceTo(ctx, w, 255<<10, 2<<10, false); err == nil {
 		t.Fatal("a splice past the end succeeded")
 	}
 	if err := os.Truncate(path, 64<<10); err != nil {
 		t.Fatal(err)
 	}
 	_, w2 := testPipe(t, 1<<20)
-	if err := d.SpliceTo(w2, 128<<10, 64<<10, false); !errors.Is(err, ErrShrunk) {
+	if err := d.SpliceTo(ctx, w2, 128<<10, 64<<10, false); !errors.Is(err, ErrShrunk) {
 		t.Fatalf("splice past a truncation: %v, want ErrShrunk", err)
 	}
 }

@@ -185,11 +185,13 @@ func (s *devSource) ReadAtContext(ctx context.Context, p []byte, off int64) (int
 
 // SpliceTo splices a child's read from its parent when the parent's live
 // target can (blockdev.Splicer): a family's reads are not copied either.
-func (s *devSource) SpliceTo(pipe int, off int64, n int, dataOnly bool) error {
+// ctx is the child's request's, as for ReadAtContext: a suspended parent
+// does not hold a closed connection's worker.
+func (s *devSource) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
 	if off < 0 || off+int64(n) > s.size {
 		return fmt.Errorf("daemon: splice %d+%d beyond source device %s: %w", off, n, s.parent.name, blockdev.ErrNoSplice)
 	}
-	if err := s.parent.SpliceTo(context.Background(), pipe, off, n, dataOnly); err != nil {
+	if err := s.parent.SpliceTo(ctx, pipe, off, n, dataOnly); err != nil {
 		return fmt.Errorf("daemon: splicing from source device %s: %w", s.parent.name, err)
 	}
 	return nil

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"strconv"
@@ -158,5 +159,47 @@ func TestParentWrites(t *testing.T) {
 	}
 	if err := r.remove(ctx, "p", false); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestChildSpliceHonoursItsContext: a child's spliced read of a suspended
+// parent waits at the parent's gate, and returns once the child's request
+// is cancelled (its connection closed) rather than holding its worker
+// until the parent resumes.
+func TestChildSpliceHonoursItsContext(t *testing.T) {
+	ctx := t.Context()
+	f := newFakeFactory()
+	r := newTestRegistry(t, f.build)
+	if err := r.create(ctx, "p", "0 64 fake", ""); err != nil {
+		t.Fatal(err)
+	}
+	src, err := r.openSourceFor(ctx, "c", "dev:p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	if err := r.suspend(ctx, "p", 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	sp, ok := src.(blockdev.Splicer)
+	if !ok {
+		t.Fatal("a child's source device is not a blockdev.Splicer")
+	}
+	reqCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- sp.SpliceTo(reqCtx, -1, 0, 4096, false) }()
+	select {
+	case err := <-done:
+		t.Fatalf("SpliceTo returned %v while the parent was suspended", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("SpliceTo after its request was cancelled: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("SpliceTo still waits at the suspended parent after its request was cancelled")
 	}
 }

@@ -45,10 +45,10 @@ func (c *clone) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOn
 		return blockdev.ErrNoSplice
 	}
 	if hydrated {
-		return spliceFrom(c.dst, pipe, off, n, dataOnly, "destination")
+		return spliceFrom(ctx, c.dst, pipe, off, n, dataOnly, "destination")
 	}
 	start := time.Now()
-	if err := spliceFrom(c.src, pipe, off, n, dataOnly, "source"); err != nil {
+	if err := spliceFrom(ctx, c.src, pipe, off, n, dataOnly, "source"); err != nil {
 		return err
 	}
 	c.stats.sourceRead.Add(int64(n))
@@ -60,20 +60,20 @@ func (c *clone) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOn
 	return nil
 }
 
-func (l *linear) SpliceTo(_ context.Context, pipe int, off int64, n int, dataOnly bool) error {
+func (l *linear) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
 	if err := l.check(off, int64(n)); err != nil {
 		return err
 	}
-	return spliceFrom(l.dev, pipe, l.offset+off, n, dataOnly, "device")
+	return spliceFrom(ctx, l.dev, pipe, l.offset+off, n, dataOnly, "device")
 }
 
 // spliceFrom splices from dev if it can (a local file), ErrNoSplice if not.
-func spliceFrom(dev any, pipe int, off int64, n int, dataOnly bool, what string) error {
+func spliceFrom(ctx context.Context, dev any, pipe int, off int64, n int, dataOnly bool, what string) error {
 	s, ok := dev.(blockdev.Splicer)
 	if !ok {
 		return blockdev.ErrNoSplice
 	}
-	if err := s.SpliceTo(pipe, off, n, dataOnly); err != nil {
+	if err := s.SpliceTo(ctx, pipe, off, n, dataOnly); err != nil {
 		return fmt.Errorf("target: splice %s at %d+%d: %w", what, off, n, err)
 	}
 	return nil
