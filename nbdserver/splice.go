@@ -138,7 +138,7 @@ func (p *pipePool) close() {
 func newPipe() (*pipe, error) {
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
-		return nil, fmt.Errorf("pipe2: %w", os.NewSyscallError("pipe2", err))
+		return nil, os.NewSyscallError("pipe2", err)
 	}
 	pp := &pipe{r: fds[0], w: fds[1]}
 	if _, err := unix.FcntlInt(uintptr(pp.w), unix.F_SETPIPE_SZ, pipeSize); err != nil {
