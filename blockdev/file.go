@@ -100,13 +100,22 @@ func (d *File) ReadAt(p []byte, off int64) (int, error) {
 		return 0, ErrClosed
 	}
 	n, err := d.f.ReadAt(p, off)
-	if d.ra != nil && err == nil {
-		// After the read, so its own pages are asked for first.
-		if pfOff, pfLen := d.ra.next(off, int64(n)); pfLen > 0 {
-			prefetch(d.f.Fd(), pfOff, pfLen)
-		}
+	if err == nil {
+		d.readAhead(off, int64(n))
 	}
 	return n, err
+}
+
+// readAhead records a read of n bytes at off that succeeded and prefetches
+// what follows it, for a destination (readahead.go). It comes after the
+// read, so the read's own pages are asked for first.
+func (d *File) readAhead(off, n int64) {
+	if d.ra == nil {
+		return
+	}
+	if pfOff, pfLen := d.ra.next(off, n); pfLen > 0 {
+		prefetch(d.f.Fd(), pfOff, pfLen)
+	}
 }
 
 func (d *File) WriteAt(p []byte, off int64) (int, error) {

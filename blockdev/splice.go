@@ -67,10 +67,6 @@ func (d *File) SpliceTo(_ context.Context, pipe int, off int64, n int, dataOnly 
 		}
 		left -= int(m)
 	}
-	if d.ra != nil {
-		if pfOff, pfLen := d.ra.next(off, int64(n)); pfLen > 0 {
-			prefetch(d.f.Fd(), pfOff, pfLen)
-		}
-	}
+	d.readAhead(off, int64(n))
 	return nil
 }

@@ -66,12 +66,16 @@ func writeAll(fd int, b []byte) error {
 	return nil
 }
 
-func spliceExports(t *testing.T, size int) (*memExports, *spliceExport) {
+// spliceExports registers a spliceExport "disk" of size random bytes
+// (from seed) and returns them.
+func spliceExports(t *testing.T, size int, seed uint64) (*memExports, *spliceExport, []byte) {
 	e := newMemExports(t)
 	m := e.add("disk", "", newMemExport(size, allFlags))
 	s := &spliceExport{memExport: m}
 	e.wrapped["disk"] = s
-	return e, s
+	content := randomBytes(seed, size)
+	s.fill(content)
+	return e, s, content
 }
 
 // TestSplicedReads: reads of at least spliceMin bytes that fit a pipe are
@@ -79,9 +83,7 @@ func spliceExports(t *testing.T, size int) (*memExports, *spliceExport) {
 // shorter and longer ones are read into a buffer.
 func TestSplicedReads(t *testing.T) {
 	const K = 1 << 10
-	e, s := spliceExports(t, 4<<20)
-	content := randomBytes(21, 4<<20)
-	s.fill(content)
+	e, s, content := spliceExports(t, 4<<20, 21)
 	srv := startServer(t, e, Options{})
 	for _, structured := range []bool{false, true} {
 		rc := connect(t, srv.sock, "disk", structured)
@@ -128,9 +130,7 @@ func TestSplicedReads(t *testing.T) {
 func TestSplicedRepliesInterleave(t *testing.T) {
 	const K = 1 << 10
 	const size = 8 << 20
-	e, s := spliceExports(t, size)
-	content := randomBytes(22, size)
-	s.fill(content)
+	e, s, content := spliceExports(t, size, 22)
 	srv := startServer(t, e, Options{MaxInFlight: 64, MaxInFlightBytes: 64 << 20})
 	rc := connect(t, srv.sock, "disk", false)
 	type req struct {
@@ -195,8 +195,7 @@ func TestSplicedRepliesInterleave(t *testing.T) {
 // its zero run sent as a hole chunk; under DF it is spliced as data.
 func TestSplicedReadsKeepHoles(t *testing.T) {
 	const K = 1 << 10
-	e, s := spliceExports(t, 2<<20)
-	content := randomBytes(23, 2<<20)
+	e, s, content := spliceExports(t, 2<<20, 23)
 	clear(content[256*K : 512*K])
 	s.fill(content)
 	srv := startServer(t, e, Options{})
@@ -229,9 +228,7 @@ func TestSplicedReadsKeepHoles(t *testing.T) {
 // is not reused, so the next spliced reply carries its own bytes only.
 func TestSpliceFailureFallsBack(t *testing.T) {
 	const K = 1 << 10
-	e, s := spliceExports(t, 4<<20)
-	content := randomBytes(24, 4<<20)
-	s.fill(content)
+	e, s, content := spliceExports(t, 4<<20, 24)
 	srv := startServer(t, e, Options{})
 	rc := connect(t, srv.sock, "disk", false)
 	for i, off := range []int{0, 1024 * K, 2048 * K} {
@@ -269,9 +266,7 @@ func TestSpliceFailureFallsBack(t *testing.T) {
 // so a splicing export's reads are read into buffers.
 func TestNoSpliceUnderTLS(t *testing.T) {
 	pki := newTestPKI(t)
-	e, s := spliceExports(t, 2<<20)
-	content := randomBytes(25, 2<<20)
-	s.fill(content)
+	e, s, content := spliceExports(t, 2<<20, 25)
 	srv := startServer(t, e, Options{TLS: TLSOn, TLSConfig: pki.serverConfig(false)})
 	rc := dialRaw(t, srv.sock)
 	rc.handshake(nbdwire.FlagCFixedNewstyle | nbdwire.FlagCNoZeroes)

@@ -401,14 +401,19 @@ func (c *clone) ReadAt(ctx context.Context, p []byte, off int64) error {
 		if err != nil {
 			return err
 		}
-		if c.cfg.readHints {
-			// Reads as hints (dm-clone known issue 1): the next read of
-			// these regions should not go to the source again.
-			first := c.geom.Region(o)
-			c.sweeper.Hint(first, c.geom.Region(o+n-1)-first+1)
-		}
+		c.hintRead(o, n)
 		return nil
 	})
+}
+
+// hintRead queues the regions of a read served by the source for
+// hydration, unless no_read_hints: reads as hints (dm-clone known issue
+// 1), so the next read of them does not go to the source again.
+func (c *clone) hintRead(off, n int64) {
+	if c.cfg.readHints {
+		first := c.geom.Region(off)
+		c.sweeper.Hint(first, c.geom.Region(off+n-1)-first+1)
+	}
 }
 
 // readFull reads all of p from a device of the clone; any failure is EIO

@@ -53,10 +53,7 @@ func (c *clone) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOn
 	}
 	c.stats.sourceRead.Add(int64(n))
 	c.obs.sourceRead.Since(start)
-	if c.cfg.readHints {
-		first := c.geom.Region(off)
-		c.sweeper.Hint(first, c.geom.Region(off+int64(n)-1)-first+1)
-	}
+	c.hintRead(off, int64(n))
 	return nil
 }
 
