@@ -13,12 +13,13 @@
 // 4 KiB blocks aligned on the export) as NBD_REPLY_TYPE_OFFSET_HOLE chunks,
 // unless the client set DF; shorter reads are sent as one data chunk.
 //
-// READ replies of at least 128 KiB on a plain socket (not TLS), from an
-// Export that is also a Splicer, are spliced: the export moves the bytes
-// from its file into a pipe (page references, no copy), the writer sends
-// the reply header and moves them on into the socket. A range the export
-// will not splice (a hole while holes could be described, a read across
-// two files, no pipe to be had) is read into a buffer as any other.
+// READ replies of 128 KiB to about 8 MiB on a plain socket (not TLS), from
+// an Export that is also a Splicer, are spliced: the export moves the bytes
+// from its file into pipes of 1 MiB, one per piece of the read (page
+// references, no copy), the writer sends the reply header and moves them
+// on into the socket. A range the export will not splice (a hole while
+// holes could be described, a piece across two files, no pipe to be had)
+// is read into a buffer as any other.
 //
 // Metadata contexts come from an Export that is also an Extenter: the
 // server offers exactly the contexts it names. LIST_META_CONTEXT with no
@@ -65,9 +66,10 @@
 //  7. A reply never carries bytes the request did not read: Export.ReadAt
 //     fills all of p or fails, and after a failure only the bytes before an
 //     OffsetError's offset are sent (pooled read buffers are not cleared).
-//     A spliced reply is queued only after SpliceTo moved all of its bytes;
-//     a pipe a failed splice left bytes in is closed, never reused, and
-//     the read is done again with ReadAt, whose errors are the ones sent.
+//     A spliced reply is queued only after SpliceTo moved all of the bytes
+//     of each of its pieces; a pipe a failed splice left bytes in is
+//     closed, never reused, and the read is done again with ReadAt, whose
+//     errors are the ones sent.
 //  8. BLOCK_STATUS needs structured replies and a context selected with
 //     NBD_OPT_SET_META_CONTEXT for the very export entered (EINVAL
 //     otherwise), 0 < length, and the range within the export. The reply

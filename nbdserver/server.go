@@ -513,12 +513,11 @@ type conn struct {
 type owed struct {
 	pooled *[]byte // a read buffer the reply's data is in, or nil
 	held   int64   // the request's admitted payload bytes
-	// pipe, when not nil, holds the reply's data: spliced bytes that go
-	// on the wire right after the batch's first at buffers, the last of
-	// which is the reply's header.
-	pipe    *pipe
-	spliced int
-	at      int
+	// pipe, when not nil, holds the reply's data: spliced bytes, in the
+	// pipes chained from it, that go on the wire right after the batch's
+	// first at buffers, the last of which is the reply's header.
+	pipe *pipe
+	at   int
 }
 
 // workItem is one request handed to a worker.

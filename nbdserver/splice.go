@@ -34,18 +34,28 @@ type Splicer interface {
 
 // Spliced READ replies: only reads of at least spliceMin bytes (below it, a
 // copy costs less than the pipe's two system calls and the writev the
-// reply no longer shares), of at most a pipe's capacity (spanned pages
-// counted: one pipe slot per page), through at most maxPipes pipes per
-// server, kept open between reads.
+// reply no longer shares), spanning at most maxPiecePipes pipes' capacity
+// (one pipe slot per page spanned), through at most maxPipes pipes per
+// server, kept open between reads. A read spanning more than one pipe's
+// pages is cut into pieces, one pipe each: the first ends where its pipe's
+// 256 pages end, the others start on a page and fill a pipe. So one large
+// read holds at most an eighth of the pool.
 const (
-	spliceMin = 128 << 10
-	pipeSize  = 1 << 20 // the default /proc/sys/fs/pipe-max-size: no privilege needed
-	maxPipes  = 64
-	pageSize  = 4096
+	spliceMin     = 128 << 10
+	pipeSize      = 1 << 20 // the default /proc/sys/fs/pipe-max-size: no privilege needed
+	maxPipes      = 64
+	maxPiecePipes = 8
+	pageSize      = 4096
 )
 
-// pipe is a pipe for one spliced reply: empty whenever it is in the pool.
-type pipe struct{ r, w int }
+// pipe is a pipe for one piece of a spliced reply: empty, with n zero and
+// no next, whenever it is in the pool. A reply's pieces are chained in
+// order through next; n is the bytes its piece put in the pipe.
+type pipe struct {
+	r, w int
+	n    int
+	next *pipe
+}
 
 // pipePool keeps empty pipes of pipeSize for spliced replies.
 type pipePool struct {
@@ -90,6 +100,7 @@ func (p *pipePool) get() *pipe {
 
 // put returns an empty pipe to the pool.
 func (p *pipePool) put(pp *pipe) {
+	pp.n, pp.next = 0, nil
 	p.mu.Lock()
 	if !p.closed {
 		p.free = append(p.free, pp)
@@ -119,6 +130,24 @@ func (p *pipePool) drop(pp *pipe) {
 	p.open--
 	p.mu.Unlock()
 	pp.close()
+}
+
+// dropChain drops a reply's chained pipes, whatever they hold.
+func (p *pipePool) dropChain(pp *pipe) {
+	for pp != nil {
+		next := pp.next
+		p.drop(pp)
+		pp = next
+	}
+}
+
+// putOrDropChain is putOrDrop for each of a reply's chained pipes.
+func (p *pipePool) putOrDropChain(pp *pipe) {
+	for pp != nil {
+		next := pp.next
+		p.putOrDrop(pp)
+		pp = next
+	}
 }
 
 // close closes the idle pipes; pipes still in use are closed when they
@@ -158,34 +187,53 @@ func (c *conn) spliceable(req nbdwire.Request) bool {
 	if c.sock == nil || c.splicer == nil || req.Length < spliceMin {
 		return false
 	}
-	first := req.Offset / pageSize
-	last := (req.Offset + uint64(req.Length) - 1) / pageSize
-	return last-first+1 <= pipeSize/pageSize
+	return pieces(req.Offset, req.Length) <= maxPiecePipes
 }
 
-// serveSpliced answers a successful READ with its data in a pipe, or
+// pieces is how many pipes a spliced read of n bytes at off takes; the
+// first piece ends where a pipe's worth of pages from off's page ends.
+func pieces(off uint64, n uint32) int {
+	base := off / pageSize * pageSize
+	return int((off + uint64(n) - base + pipeSize - 1) / pipeSize)
+}
+
+// serveSpliced answers a successful READ with its data in pipes, or
 // reports false having sent nothing, so that the caller reads into a
-// buffer instead.
+// buffer instead. Every pipe is had before any byte moves, so a pool that
+// runs dry costs no splice; a piece that fails fails the whole read.
 func (c *conn) serveSpliced(req nbdwire.Request, held int64) bool {
-	pp := c.s.pipes.get()
-	if pp == nil {
-		return false
+	k := pieces(req.Offset, req.Length)
+	var head *pipe
+	for range k {
+		pp := c.s.pipes.get()
+		if pp == nil {
+			c.s.pipes.putOrDropChain(head) // all empty: kept
+			return false
+		}
+		pp.next, head = head, pp
 	}
-	n := int(req.Length)
+	off, end := int64(req.Offset), int64(req.Offset)+int64(req.Length)
+	pieceEnd := off/pageSize*pageSize + pipeSize
 	dataOnly := c.structured && req.Flags&nbdwire.CmdFlagDF == 0
-	if err := c.splicer.SpliceTo(c.ctx, pp.w, int64(req.Offset), n, dataOnly); err != nil {
-		c.s.pipes.putOrDrop(pp)
-		c.log.Debug("nbdserver: read not spliced; reading it into a buffer", "offset", req.Offset, "length", req.Length, "err", err)
-		return false
+	for pp := head; pp != nil; pp = pp.next {
+		n := int(min(pieceEnd, end) - off)
+		if err := c.splicer.SpliceTo(c.ctx, pp.w, off, n, dataOnly); err != nil {
+			c.s.pipes.putOrDropChain(head)
+			c.log.Debug("nbdserver: read not spliced; reading it into a buffer", "offset", req.Offset, "length", req.Length, "piece_offset", off, "err", err)
+			return false
+		}
+		pp.n = n
+		off, pieceEnd = off+int64(n), pieceEnd+pipeSize
 	}
-	o := owed{held: held, pipe: pp, spliced: n}
+	o := owed{held: held, pipe: head}
+	n := int(req.Length)
 	if !c.structured {
 		var hdr [nbdwire.SimpleReplyHeaderLen]byte
 		nbdwire.PutSimpleReply(hdr[:], 0, req.Handle)
 		c.send(o, hdr[:])
 		return true
 	}
-	// One final data chunk: the bytes are in the pipe already, so no error
+	// One final data chunk: the bytes are in the pipes already, so no error
 	// can arise while they are sent (the spec's condition for DONE on
 	// data). dataOnly made sure there was no hole to describe.
 	var hdr [nbdwire.StructuredReplyHeaderLen + 8]byte

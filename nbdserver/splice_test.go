@@ -20,8 +20,8 @@ import (
 // one with a hole, and can be made to fail after moving half of a range.
 type spliceExport struct {
 	*memExport
-	spliced  atomic.Int64 // successful SpliceTo calls
-	failNext atomic.Bool  // the next SpliceTo moves half its bytes and fails
+	spliced atomic.Int64 // successful SpliceTo calls
+	failIn  atomic.Int32 // k > 0: the k-th next SpliceTo moves half its bytes and fails
 }
 
 var errHole = errors.New("spliceExport: a hole in a dataOnly range")
@@ -34,7 +34,7 @@ func (s *spliceExport) SpliceTo(ctx context.Context, pipe int, off int64, n int,
 	s.mu.RLock()
 	b := bytes.Clone(s.data[off : off+int64(n)])
 	s.mu.RUnlock()
-	if s.failNext.Swap(false) {
+	if s.failIn.Load() > 0 && s.failIn.Add(-1) == 0 {
 		b = b[:n/2]
 		if err := writeAll(pipe, b); err != nil {
 			return err
@@ -78,24 +78,32 @@ func spliceExports(t *testing.T, size int, seed uint64) (*memExports, *spliceExp
 	return e, s, content
 }
 
-// TestSplicedReads: reads of at least spliceMin bytes that fit a pipe are
-// spliced, with simple and structured replies, and arrive whole and right;
-// shorter and longer ones are read into a buffer.
+// TestSplicedReads: reads of at least spliceMin bytes that fit
+// maxPiecePipes pipes are spliced, a piece per pipe, with simple and
+// structured replies, and arrive whole and right; shorter and longer ones
+// are read into a buffer.
 func TestSplicedReads(t *testing.T) {
 	const K = 1 << 10
-	e, s, content := spliceExports(t, 4<<20, 21)
-	srv := startServer(t, e, Options{})
+	const M = 1 << 20
+	e, s, content := spliceExports(t, 12*M, 21)
+	srv := startServer(t, e, Options{MaxPayload: 12 * M, MaxInFlightBytes: 12 * M})
 	for _, structured := range []bool{false, true} {
 		rc := connect(t, srv.sock, "disk", structured)
 		for i, tc := range []struct {
-			off, n  int
-			spliced bool
+			off, n int
+			pieces int64 // 0: not spliced
 		}{
-			{0, 1024 * K, true},
-			{4*K + 512, 128 * K, true},     // unaligned: 33 pages
-			{1024 * K, 128*K - 512, false}, // under spliceMin
-			{512, 1024 * K, false},         // 257 pages: more than a pipe holds
-			{3072 * K, 1024 * K, true},     // the end of the export
+			{0, M, 1},
+			{4*K + 512, 128 * K, 1},      // unaligned: 33 pages
+			{M, 128*K - 512, 0},          // under spliceMin
+			{512, M, 2},                  // 257 pages: more than a pipe holds
+			{M + 4*K + 1, 2 * M, 3},      // 513 pages from an unaligned start
+			{2*M + 512*K, 2 * M, 2},      // 512 pages from a page: qemu-img convert's size
+			{0, 8 * M, 8},                // the most a read may take
+			{512, 8 * M, 0},              // 2049 pages: more than maxPiecePipes hold
+			{4*M - 8*K, 8*M + 8*K, 0},    // ditto, from a page
+			{11 * M, M, 1},               // the end of the export
+			{10*M + 64*K, 2*M - 64*K, 2}, // ditto, in two pieces
 		} {
 			before := s.spliced.Load()
 			h := uint64(i + 1)
@@ -117,15 +125,15 @@ func TestSplicedReads(t *testing.T) {
 			if structured && len(desc) != 1 {
 				t.Fatalf("read %d+%d: chunks %v, want one data chunk", tc.off, tc.n, desc)
 			}
-			if spliced := s.spliced.Load() > before; spliced != tc.spliced {
-				t.Fatalf("structured %v: read %d+%d spliced %v, want %v", structured, tc.off, tc.n, spliced, tc.spliced)
+			if pieces := s.spliced.Load() - before; pieces != tc.pieces {
+				t.Fatalf("structured %v: read %d+%d spliced in %d pieces, want %d", structured, tc.off, tc.n, pieces, tc.pieces)
 			}
 		}
 	}
 }
 
-// TestSplicedRepliesInterleave: a burst of spliced reads, buffered reads
-// and writes shares the writer's batches; every reply arrives whole, with
+// TestSplicedRepliesInterleave: a burst of spliced reads (in one or two
+// pieces), buffered reads and writes shares the writer's batches; every reply arrives whole, with
 // its own bytes.
 func TestSplicedRepliesInterleave(t *testing.T) {
 	const K = 1 << 10
@@ -141,7 +149,11 @@ func TestSplicedRepliesInterleave(t *testing.T) {
 	for i := range 96 {
 		switch i % 3 {
 		case 0:
-			reqs = append(reqs, req{off: (i * 256 * K) % size, n: 256 * K})
+			n := 256 * K // one pipe
+			if i%2 == 0 {
+				n = 2048 * K // two
+			}
+			reqs = append(reqs, req{off: (i * 256 * K) % (size - 2048*K), n: n})
 		case 1:
 			reqs = append(reqs, req{off: (i * 4 * K) % size, n: 4 * K})
 		default:
@@ -185,8 +197,8 @@ func TestSplicedRepliesInterleave(t *testing.T) {
 		}
 	}
 	<-done
-	if n := s.spliced.Load(); n != 32 {
-		t.Fatalf("%d reads spliced, want the 32 of 256 KiB", n)
+	if n := s.spliced.Load(); n != 16+2*16 {
+		t.Fatalf("%d pieces spliced, want 48: 16 reads of 256 KiB, 16 of 2 MiB", n)
 	}
 }
 
@@ -233,7 +245,7 @@ func TestSpliceFailureFallsBack(t *testing.T) {
 	rc := connect(t, srv.sock, "disk", false)
 	for i, off := range []int{0, 1024 * K, 2048 * K} {
 		if i == 1 {
-			s.failNext.Store(true)
+			s.failIn.Store(1)
 		}
 		before := s.spliced.Load()
 		rc.request(nbdwire.CmdRead, 0, uint64(i), uint64(off), 512*K, nil)
@@ -259,6 +271,71 @@ func TestSpliceFailureFallsBack(t *testing.T) {
 	})
 	if open != 1 || free != 1 {
 		t.Fatalf("%d pipes open, %d of them free; want the one that never failed", open, free)
+	}
+}
+
+// TestSplicePieceFailureFallsBack: a read in three pieces whose second
+// piece fails is read into a buffer; the pipes holding the first piece and
+// half the second are closed, the unused third is kept, and the next read
+// in pieces carries its own bytes only.
+func TestSplicePieceFailureFallsBack(t *testing.T) {
+	const M = 1 << 20
+	e, s, content := spliceExports(t, 8*M, 26)
+	srv := startServer(t, e, Options{})
+	rc := connect(t, srv.sock, "disk", false)
+	s.failIn.Store(2)
+	for i, off := range []int{0, 4 * M} {
+		before := s.spliced.Load()
+		rc.request(nbdwire.CmdRead, 0, uint64(i), uint64(off), 3*M, nil)
+		errno, handle, got := rc.readSimple(3 * M)
+		if errno != 0 || handle != uint64(i) {
+			t.Fatalf("read %d: errno %d handle %d", i, errno, handle)
+		}
+		if !bytes.Equal(got, content[off:off+3*M]) {
+			t.Fatalf("read %d at %d: wrong bytes from %d", i, off, firstDiff(got, content[off:off+3*M]))
+		}
+		want := []int64{1, 3}[i] // the first piece's call succeeded
+		if n := s.spliced.Load() - before; n != want {
+			t.Fatalf("read %d: %d pieces spliced, want %d", i, n, want)
+		}
+		if i == 0 {
+			srv.pipes.mu.Lock()
+			open, free := srv.pipes.open, len(srv.pipes.free)
+			srv.pipes.mu.Unlock()
+			if open != 1 || free != 1 {
+				t.Fatalf("after the failed piece: %d pipes open, %d of them free; want the unused one", open, free)
+			}
+		}
+	}
+	waitFor(t, "the pipes back in the pool", func() bool {
+		srv.pipes.mu.Lock()
+		defer srv.pipes.mu.Unlock()
+		return srv.pipes.open == 3 && len(srv.pipes.free) == 3
+	})
+}
+
+// TestSpliceWithoutEnoughPipes: a read needing more pipes than the pool
+// can still make is read into a buffer before any byte moves, and the
+// pipes it took go back to the pool.
+func TestSpliceWithoutEnoughPipes(t *testing.T) {
+	const M = 1 << 20
+	e, s, content := spliceExports(t, 8*M, 27)
+	srv := startServer(t, e, Options{MaxPayload: 8 * M, MaxInFlightBytes: 8 * M})
+	rc := connect(t, srv.sock, "disk", false)
+	srv.pipes.mu.Lock()
+	srv.pipes.open = maxPipes - 2 // as if other replies held the rest
+	srv.pipes.mu.Unlock()
+	rc.request(nbdwire.CmdRead, 0, 1, 0, 8*M, nil)
+	errno, _, got := rc.readSimple(8 * M)
+	if errno != 0 || !bytes.Equal(got, content) {
+		t.Fatalf("read: errno %d, right bytes %v", errno, bytes.Equal(got, content))
+	}
+	srv.pipes.mu.Lock()
+	srv.pipes.open -= maxPipes - 2 // the pretended ones
+	open, free := srv.pipes.open, len(srv.pipes.free)
+	srv.pipes.mu.Unlock()
+	if n := s.spliced.Load(); n != 0 || open != 2 || free != 2 {
+		t.Fatalf("%d pieces spliced, %d pipes made, %d free; want none spliced and the 2 made kept", n, open, free)
 	}
 }
 

@@ -601,7 +601,7 @@ func errorChunk(handle uint64, errno uint32, msg string, errOff int64) []byte {
 }
 
 // writeBatch writes queued reply buffers: one writev on a plain socket,
-// cut where a reply's data is spliced from a pipe (due says where); over
+// cut where a reply's data is spliced from its pipes (due says where); over
 // TLS, through a buffer, so small replies share TLS records. A pipe emptied
 // into the socket goes back to the pool and leaves due.
 func (c *conn) writeBatch(batch net.Buffers, due []owed) error {
@@ -615,11 +615,14 @@ func (c *conn) writeBatch(batch net.Buffers, due []owed) error {
 			if err := c.writev(batch[from:o.at]); err != nil {
 				return err
 			}
-			if err := c.writeSpliced(o.pipe, o.spliced); err != nil {
-				return err
+			for o.pipe != nil {
+				pp := o.pipe
+				if err := c.writeSpliced(pp, pp.n); err != nil {
+					return err
+				}
+				o.pipe = pp.next
+				c.s.pipes.put(pp)
 			}
-			c.s.pipes.put(o.pipe)
-			o.pipe = nil
 			from = o.at
 		}
 		return c.writev(batch[from:])
@@ -714,12 +717,10 @@ func (c *conn) send(o owed, hdr []byte, data ...[]byte) {
 	c.wmu.Unlock()
 }
 
-// giveBack returns what a reply held once it is written or abandoned. A
-// pipe still here was not emptied: its bytes are dropped with it.
+// giveBack returns what a reply held once it is written or abandoned.
+// Pipes still here were not emptied: their bytes are dropped with them.
 func (c *conn) giveBack(o owed) {
 	c.s.buffers.put(o.pooled)
-	if o.pipe != nil {
-		c.s.pipes.drop(o.pipe)
-	}
+	c.s.pipes.dropChain(o.pipe)
 	c.adm.release(o.held)
 }

@@ -98,6 +98,35 @@ func TestSpliceHydratedClone(t *testing.T) {
 	}
 }
 
+// TestSpliceLargeReads reads a hydrated clone in requests larger than a
+// pipe: nbdcopy in 4 MiB requests and qemu-img convert (2 MiB): each READ
+// is spliced in pieces of a pipe each, and the copies equal the source.
+func TestSpliceLargeReads(t *testing.T) {
+	testutil.NeedTool(t, "nbdcopy")
+	testutil.NeedTool(t, "qemu-img")
+	d, url, _ := spliceDaemon(t)
+	const size = 64 << 20
+	src := makeSource(t, d.Dir, 46, size)
+	harness.MakeImage(t, filepath.Join(d.Dir, "dest.img"), size)
+	cli(t, d, "create", "c", "--table", fmt.Sprintf("0 %d clone ./md ./dest.img ./src.img 128", size/sector))
+	cli(t, d, "wait", "c")
+	delta := copyExport(t, url, "c", d.URI("c"), src, "--request-size=4194304")
+	if delta.spliced < size {
+		t.Errorf("nbdcopy in 4 MiB requests: %v bytes spliced, want all %d", delta.spliced, size)
+	}
+	out := filepath.Join(t.TempDir(), "convert.img")
+	before := scrapeReads(t, url, "c")
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", d.URI("c"), out)
+	delta = scrapeReads(t, url, "c").sub(before)
+	if diff := firstDiff(readFile(t, out), src); diff != "" {
+		t.Fatalf("qemu-img convert: the copy differs from the source: %s", diff)
+	}
+	t.Logf("qemu-img convert: %v bytes read, %v spliced", delta.read, delta.spliced)
+	if delta.spliced <= size/2 {
+		t.Errorf("qemu-img convert: %v bytes spliced, want more than half of the %d read in 2 MiB requests", delta.spliced, size)
+	}
+}
+
 // TestSpliceUnhydratedSource reads a clone that hydrates nothing
 // (no_hydration): every READ is served by the source file, spliced, and
 // the copy equals the source.
