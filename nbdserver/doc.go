@@ -18,7 +18,7 @@
 // from its file into pipes of 1 MiB, one per piece of the read (page
 // references, no copy), the writer sends the reply header and moves them
 // on into the socket. A range the export will not splice (a hole while
-// holes could be described, a piece across two files, no pipe to be had)
+// holes could be described, bytes not in a file, no pipe to be had)
 // is read into a buffer as any other.
 //
 // Metadata contexts come from an Export that is also an Extenter: the

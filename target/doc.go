@@ -29,10 +29,11 @@
 //     regions for hydration ahead of the background sweep, unless
 //     no_read_hints or hydration is off; CACHE hydrates its range before it
 //     returns. Neither changes what a read returns.
-//   - A read may be spliced (Splicer) only when ReadAt would read all of it
-//     from one device: all hydrated (the destination) or all unhydrated
-//     (the source, counted and hinted as ReadAt does); otherwise
-//     ErrNoSplice, and the caller uses ReadAt.
+//   - A read is spliced (Splicer) run by run exactly as ReadAt reads it:
+//     hydrated runs from the destination, unhydrated ones from the source
+//     (counted and hinted as ReadAt does). A source that cannot splice (a
+//     remote one) makes any read with an unhydrated region ErrNoSplice
+//     before anything moves, and the caller uses ReadAt.
 //   - A remote source (blockdev.Remote) gets its window in flight: the
 //     sweep's threshold and batch are raised to it, never from a threshold
 //     of 0; hydration_rate throttles background and hinted copies. The

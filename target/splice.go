@@ -25,36 +25,37 @@ var (
 	_ Splicer = (*linear)(nil)
 )
 
-// SpliceTo splices a read that ReadAt would serve from one device: all of
-// it hydrated (the destination) or none of it (the source, counted and
-// hinted as ReadAt does). A read across both is ErrNoSplice.
+// SpliceTo splices a read run by run as ReadAt reads it: hydrated runs
+// from the destination, unhydrated ones from the source, counted and
+// hinted as ReadAt does once they are in the pipe. A read with an
+// unhydrated region over a source that cannot splice (a remote one) is
+// ErrNoSplice before anything moves. Regions only ever become hydrated,
+// so a range found hydrated here stays so.
 func (c *clone) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
 	if err := c.check(off, int64(n)); err != nil {
 		return err
 	}
 	c.enter()
 	defer c.exit()
-	runs := 0
-	var hydrated bool
-	_ = c.runs(off, int64(n), func(h bool, _, _ int64) error {
-		hydrated = h
-		runs++
+	if _, ok := c.src.(blockdev.Splicer); !ok {
+		first, last := c.geom.Region(off), c.geom.Region(off+int64(n)-1)
+		if !c.md.RangeHydrated(first, last-first+1) {
+			return blockdev.ErrNoSplice
+		}
+	}
+	return c.runs(off, int64(n), func(hydrated bool, o, k int64) error {
+		if hydrated {
+			return spliceFrom(ctx, c.dst, pipe, o, int(k), dataOnly, "destination")
+		}
+		start := time.Now()
+		if err := spliceFrom(ctx, c.src, pipe, o, int(k), dataOnly, "source"); err != nil {
+			return err
+		}
+		c.stats.sourceRead.Add(k)
+		c.obs.sourceRead.Since(start)
+		c.hintRead(o, k)
 		return nil
 	})
-	if runs != 1 {
-		return blockdev.ErrNoSplice
-	}
-	if hydrated {
-		return spliceFrom(ctx, c.dst, pipe, off, n, dataOnly, "destination")
-	}
-	start := time.Now()
-	if err := spliceFrom(ctx, c.src, pipe, off, n, dataOnly, "source"); err != nil {
-		return err
-	}
-	c.stats.sourceRead.Add(int64(n))
-	c.obs.sourceRead.Since(start)
-	c.hintRead(off, int64(n))
-	return nil
 }
 
 func (l *linear) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {

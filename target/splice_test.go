@@ -13,14 +13,24 @@ import (
 
 // TestCloneSplice: a read all hydrated is spliced from the destination,
 // one all unhydrated from the source (counted as a source read, as ReadAt
-// counts it); one across both is not spliced.
+// counts it), one across both from each in turn. Over a source that
+// cannot splice (as a remote one), only a read all hydrated is spliced,
+// and any other fails before anything moves.
 func TestCloneSplice(t *testing.T) {
 	const M = 1 << 20
 	f := newFixture(t, 4*M, 31)
-	c := startClone(t, f.line(8, "1 no_hydration"), Env{}) // the source a plain file
 	ctx := context.Background()
 	written := bytes.Repeat([]byte{0x5a}, M)
+	c := startClone(t, f.line(8, "1 no_hydration"), Env{}) // the source a plain file
 	if err := c.WriteAt(ctx, written, M, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteAt(ctx, written[:8192], 3*M, false); err != nil {
+		t.Fatal(err)
+	}
+	f2 := newFixture(t, 4*M, 32)
+	remote := f2.build(t, 8, "1 no_hydration") // the source wrapped: no SpliceTo
+	if err := remote.WriteAt(ctx, written, M, false); err != nil {
 		t.Fatal(err)
 	}
 	var fds [2]int
@@ -45,15 +55,21 @@ func TestCloneSplice(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name       string
+		c          *clone
 		off        int64
 		n          int
 		want       []byte
 		fromSource int64
 	}{
-		{"hydrated", M, M, written, 0},
-		{"unhydrated", 2 * M, M, f.srcData[2*M : 3*M], M},
-		{"across both", M - 4096, 8192, nil, 0},
+		{"hydrated", c, M, M, written, 0},
+		{"unhydrated", c, 2 * M, M, f.srcData[2*M : 3*M], M},
+		{"across both", c, M - 12288, 20480, append(bytes.Clone(f.srcData[M-12288:M]), written[:8192]...), 12288},
+		{"three runs", c, 3*M - 4096, 16384, append(append(bytes.Clone(f.srcData[3*M-4096:3*M]), written[:8192]...), f.srcData[3*M+8192:3*M+12288]...), 8192},
+		{"remote, hydrated", remote, M + 4096, 8192, written[:8192], 0},
+		{"remote, unhydrated", remote, 0, 8192, nil, 0},
+		{"remote, across both", remote, 2*M - 4096, 8192, nil, 0},
 	} {
+		c := tc.c
 		before := c.stats.sourceRead.Load()
 		err := c.SpliceTo(ctx, fds[1], tc.off, tc.n, true)
 		got := pipeBytes()
