@@ -317,16 +317,23 @@ func (d *device) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return d.do(ctx, func(t target.Target) error { return t.ReadAt(ctx, p, off) })
 }
 
-// SpliceTo is ReadAt into a pipe (nbdserver.Splicer), where the live
-// target reads straight from a file. The pipe holds its pages, not the
-// file, so a live swap may close the file once this returns.
-func (d *device) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
+// SpliceTo is ReadAt into pipes (nbdserver.Splicer), a piece per pipe,
+// where the live target reads straight from a file: all the pieces of one
+// READ in one pass through the gate, so from one target. The pipes hold
+// their pages, not the file, so a live swap may close the file once this
+// returns.
+func (d *device) SpliceTo(ctx context.Context, pieces []nbdserver.SplicePiece, dataOnly bool) error {
 	return d.do(ctx, func(t target.Target) error {
 		s, ok := t.(target.Splicer)
 		if !ok {
 			return fmt.Errorf("daemon: %w", blockdev.ErrNoSplice)
 		}
-		return s.SpliceTo(ctx, pipe, off, n, dataOnly)
+		for _, p := range pieces {
+			if err := s.SpliceTo(ctx, p.Pipe, p.Off, p.N, dataOnly); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 }
 

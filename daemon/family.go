@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nbdclone/nbdclone/blockdev"
+	"github.com/nbdclone/nbdclone/nbdserver"
 	"github.com/nbdclone/nbdclone/target"
 )
 
@@ -191,7 +192,7 @@ func (s *devSource) SpliceTo(ctx context.Context, pipe int, off int64, n int, da
 	if off < 0 || off+int64(n) > s.size {
 		return fmt.Errorf("daemon: splice %d+%d beyond source device %s: %w", off, n, s.parent.name, blockdev.ErrNoSplice)
 	}
-	if err := s.parent.SpliceTo(ctx, pipe, off, n, dataOnly); err != nil {
+	if err := s.parent.SpliceTo(ctx, []nbdserver.SplicePiece{{Pipe: pipe, Off: off, N: n}}, dataOnly); err != nil {
 		return fmt.Errorf("daemon: splicing from source device %s: %w", s.parent.name, err)
 	}
 	return nil

@@ -105,13 +105,18 @@ func (m meteredExport) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return err
 }
 
-// SpliceTo counts a spliced read as a read. A failed one is not counted:
-// the server reads the range again with ReadAt, which counts it.
-func (m meteredExport) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
+// SpliceTo counts a spliced READ, whatever its pieces, as one read. A
+// failed one is not counted: the server reads the range again with
+// ReadAt, which counts it.
+func (m meteredExport) SpliceTo(ctx context.Context, pieces []nbdserver.SplicePiece, dataOnly bool) error {
 	t := m.io.start()
-	if err := m.device.SpliceTo(ctx, pipe, off, n, dataOnly); err != nil {
+	if err := m.device.SpliceTo(ctx, pieces, dataOnly); err != nil {
 		m.io.inFlight.Add(-1)
 		return err
+	}
+	var n int
+	for _, p := range pieces {
+		n += p.N
 	}
 	m.io.spliced.Add(uint64(n))
 	m.io.done(opRead, int64(n), t, nil)

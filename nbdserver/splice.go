@@ -18,18 +18,27 @@ import (
 
 // Splicer is an optional interface of an Export whose reads can come
 // straight from a file. For a large READ on a plain (not TLS) socket the
-// server then has the export move the bytes into a pipe (splice(2): the
-// pipe takes references to page-cache pages), writes the reply header and
-// moves them on from the pipe into the socket: the data is never copied
+// server then has the export move the bytes into pipes (splice(2): a pipe
+// takes references to page-cache pages), writes the reply header and
+// moves them on from the pipes into the socket: the data is never copied
 // through the server's memory, which halves the copies of a 1 MiB read.
 type Splicer interface {
-	// SpliceTo moves the n bytes at off into the pipe whose write end is
-	// pipe, all of them, exactly the bytes ReadAt would read, or fails.
-	// With dataOnly it fails rather than move a range with a hole in it
-	// (the reply could describe the hole instead). After any failure the
-	// server drops what the pipe holds and reads the range with ReadAt,
-	// which reports errors as ReadAt does: a failure here is never sent.
-	SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error
+	// SpliceTo moves the bytes of a READ into pipes: each piece's N bytes
+	// at Off into its Pipe, all of them, exactly the bytes ReadAt would
+	// read, or fails. The pieces are the READ's range cut in order, each
+	// fitting its pipe; one READ is one call. With dataOnly it fails
+	// rather than move a range with a hole in it (the reply could describe
+	// the hole instead). After any failure the server drops what the pipes
+	// hold and reads the range with ReadAt, which reports errors as ReadAt
+	// does: a failure here is never sent.
+	SpliceTo(ctx context.Context, pieces []SplicePiece, dataOnly bool) error
+}
+
+// SplicePiece is one pipe's part of a spliced READ.
+type SplicePiece struct {
+	Pipe int // the pipe's write end
+	Off  int64
+	N    int
 }
 
 // Spliced READ replies: only reads of at least spliceMin bytes (below it, a
@@ -212,18 +221,20 @@ func (c *conn) serveSpliced(req nbdwire.Request, held int64) bool {
 		}
 		pp.next, head = head, pp
 	}
+	var cut [maxPiecePipes]SplicePiece
+	ps := cut[:0]
 	off, end := int64(req.Offset), int64(req.Offset)+int64(req.Length)
 	pieceEnd := off/pageSize*pageSize + pipeSize
-	dataOnly := c.structured && req.Flags&nbdwire.CmdFlagDF == 0
 	for pp := head; pp != nil; pp = pp.next {
-		n := int(min(pieceEnd, end) - off)
-		if err := c.splicer.SpliceTo(c.ctx, pp.w, off, n, dataOnly); err != nil {
-			c.s.pipes.putOrDropChain(head)
-			c.log.Debug("nbdserver: read not spliced; reading it into a buffer", "offset", req.Offset, "length", req.Length, "piece_offset", off, "err", err)
-			return false
-		}
-		pp.n = n
-		off, pieceEnd = off+int64(n), pieceEnd+pipeSize
+		pp.n = int(min(pieceEnd, end) - off)
+		ps = append(ps, SplicePiece{Pipe: pp.w, Off: off, N: pp.n})
+		off, pieceEnd = off+int64(pp.n), pieceEnd+pipeSize
+	}
+	dataOnly := c.structured && req.Flags&nbdwire.CmdFlagDF == 0
+	if err := c.splicer.SpliceTo(c.ctx, ps, dataOnly); err != nil {
+		c.s.pipes.putOrDropChain(head)
+		c.log.Debug("nbdserver: read not spliced; reading it into a buffer", "offset", req.Offset, "length", req.Length, "err", err)
+		return false
 	}
 	o := owed{held: held, pipe: head}
 	n := int(req.Length)

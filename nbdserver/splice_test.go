@@ -14,20 +14,36 @@ import (
 	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
-// spliceExport is a memExport that splices. SpliceTo writes the bytes into
-// the pipe (a copy, which the server cannot tell from page references),
-// refuses a range with a zero 4 KiB block under dataOnly as a file refuses
-// one with a hole, and can be made to fail after moving half of a range.
+// spliceExport is a memExport that splices. SpliceTo writes each piece's
+// bytes into its pipe (a copy, which the server cannot tell from page
+// references), refuses a piece with a zero 4 KiB block under dataOnly as a
+// file refuses one with a hole, and can be made to fail after moving half
+// of a piece.
 type spliceExport struct {
 	*memExport
-	spliced atomic.Int64 // successful SpliceTo calls
-	failIn  atomic.Int32 // k > 0: the k-th next SpliceTo moves half its bytes and fails
+	spliced atomic.Int64 // pieces moved
+	calls   atomic.Int64 // successful SpliceTo calls
+	failIn  atomic.Int32 // k > 0: the k-th next piece moves half its bytes and fails
 }
 
 var errHole = errors.New("spliceExport: a hole in a dataOnly range")
 
-func (s *spliceExport) SpliceTo(ctx context.Context, pipe int, off int64, n int, dataOnly bool) error {
+func (s *spliceExport) SpliceTo(ctx context.Context, pieces []SplicePiece, dataOnly bool) error {
+	for i, p := range pieces {
+		if i > 0 && p.Off != pieces[i-1].Off+int64(pieces[i-1].N) {
+			return fmt.Errorf("spliceExport: piece %d at %d does not follow the last", i, p.Off)
+		}
+		if err := s.splicePiece(ctx, p, dataOnly); err != nil {
+			return err
+		}
+	}
+	s.calls.Add(1)
+	return nil
+}
+
+func (s *spliceExport) splicePiece(ctx context.Context, p SplicePiece, dataOnly bool) error {
 	defer s.leave()
+	off, n := p.Off, p.N
 	if err := s.enter(ctx, "splice", off, int64(n)); err != nil {
 		return err
 	}
@@ -36,7 +52,7 @@ func (s *spliceExport) SpliceTo(ctx context.Context, pipe int, off int64, n int,
 	s.mu.RUnlock()
 	if s.failIn.Load() > 0 && s.failIn.Add(-1) == 0 {
 		b = b[:n/2]
-		if err := writeAll(pipe, b); err != nil {
+		if err := writeAll(p.Pipe, b); err != nil {
 			return err
 		}
 		return errInjected
@@ -48,7 +64,7 @@ func (s *spliceExport) SpliceTo(ctx context.Context, pipe int, off int64, n int,
 			}
 		}
 	}
-	if err := writeAll(pipe, b); err != nil {
+	if err := writeAll(p.Pipe, b); err != nil {
 		return err
 	}
 	s.spliced.Add(1)
@@ -105,7 +121,7 @@ func TestSplicedReads(t *testing.T) {
 			{11 * M, M, 1},               // the end of the export
 			{10*M + 64*K, 2*M - 64*K, 2}, // ditto, in two pieces
 		} {
-			before := s.spliced.Load()
+			before, calls := s.spliced.Load(), s.calls.Load()
 			h := uint64(i + 1)
 			rc.request(nbdwire.CmdRead, 0, h, uint64(tc.off), uint32(tc.n), nil)
 			var got []byte
@@ -127,6 +143,9 @@ func TestSplicedReads(t *testing.T) {
 			}
 			if pieces := s.spliced.Load() - before; pieces != tc.pieces {
 				t.Fatalf("structured %v: read %d+%d spliced in %d pieces, want %d", structured, tc.off, tc.n, pieces, tc.pieces)
+			}
+			if calls := s.calls.Load() - calls; calls != min(tc.pieces, 1) {
+				t.Fatalf("structured %v: read %d+%d spliced in %d calls, want one per spliced READ", structured, tc.off, tc.n, calls)
 			}
 		}
 	}

@@ -34,7 +34,7 @@ func spliceDaemon(t *testing.T) (*harness.Daemon, string, string) {
 }
 
 // readCounters are a device's read counters at one scrape.
-type readCounters struct{ spliced, read, sourceReads float64 }
+type readCounters struct{ spliced, read, requests, sourceReads float64 }
 
 func scrapeReads(t testing.TB, url, dev string) readCounters {
 	t.Helper()
@@ -42,12 +42,13 @@ func scrapeReads(t testing.TB, url, dev string) readCounters {
 	return readCounters{
 		spliced:     s.get(t, "nbdclone_io_read_spliced_bytes_total", "device="+dev),
 		read:        s.get(t, "nbdclone_io_bytes_total", "device="+dev, "op=read"),
+		requests:    s.get(t, "nbdclone_io_requests_total", "device="+dev, "op=read"),
 		sourceReads: s.get(t, "nbdclone_source_read_duration_seconds_count", "device="+dev, "reason=read"),
 	}
 }
 
 func (c readCounters) sub(o readCounters) readCounters {
-	return readCounters{c.spliced - o.spliced, c.read - o.read, c.sourceReads - o.sourceReads}
+	return readCounters{c.spliced - o.spliced, c.read - o.read, c.requests - o.requests, c.sourceReads - o.sourceReads}
 }
 
 // copyExport reads a whole export with nbdcopy (extra options first) into
@@ -113,6 +114,9 @@ func TestSpliceLargeReads(t *testing.T) {
 	delta := copyExport(t, url, "c", d.URI("c"), src, "--request-size=4194304")
 	if delta.spliced < size {
 		t.Errorf("nbdcopy in 4 MiB requests: %v bytes spliced, want all %d", delta.spliced, size)
+	}
+	if delta.requests != size/(4<<20) {
+		t.Errorf("nbdcopy in 4 MiB requests: %v reads counted, want one per request (%d), not one per piece", delta.requests, size/(4<<20))
 	}
 	out := filepath.Join(t.TempDir(), "convert.img")
 	before := scrapeReads(t, url, "c")
