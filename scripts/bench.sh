@@ -25,7 +25,8 @@
 #       hydration from a source behind rdelay=5ms runs, vs the same with
 #       hydration disabled.
 #   S1  serving a hydrated clone: fio ioengine=nbd 4 KiB randread and
-#       randwrite at iodepth 32, and 1 MiB sequential read and write, vs
+#       randwrite at iodepth 32, 1 MiB sequential read and write, and 4 MiB
+#       sequential reads (larger than one splice pipe), vs
 #       nbdkit file and qemu-nbd -f raw serving the destination file directly;
 #       each repetition starts with the next server, each run after a sync.
 set -euo pipefail
@@ -304,6 +305,7 @@ for rep in $(seq "$REPS"); do
     record "S1 4K randwrite QD32 (IOPS)" "$who" "$(fio_once "${URIS[$who]}" randwrite 4k 32)"
     sync; record "S1 1M seq read QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" read 1M 8)"
     sync; record "S1 1M seq write QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" write 1M 8)"
+    sync; record "S1 4M seq read QD8 (MiB/s)" "$who" "$(fio_once "${URIS[$who]}" read 4M 8)"
     # A guest's first pass over its disk (a boot, a backup, a scan), then
     # small random writes to what it read: the page cache is then what
     # the server's reads left in it.
