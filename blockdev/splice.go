@@ -70,3 +70,46 @@ func (d *File) SpliceTo(_ context.Context, pipe int, off int64, n int, dataOnly 
 	d.readAhead(off, int64(n))
 	return nil
 }
+
+// A SpliceWriter writes a range from a pipe without the bytes passing
+// through the caller's memory (splice(2) from the pipe into the file), so
+// that a server can move a request's payload from its socket into a pipe
+// and from there into the file.
+type SpliceWriter interface {
+	// SpliceFrom writes the n bytes waiting in the pipe whose read end is
+	// pipe at off, all of them, or fails; after a failure the range's
+	// contents, and what is left in the pipe, are undefined.
+	SpliceFrom(pipe int, off int64, n int) error
+}
+
+var _ SpliceWriter = (*File)(nil)
+
+// SpliceFrom writes [off, off+n) of the file from the pipe. The bytes must
+// all be in the pipe already: a pipe that runs dry is an error, never a
+// wait.
+func (d *File) SpliceFrom(pipe int, off int64, n int) error {
+	if d.readOnly {
+		return ErrReadOnly
+	}
+	if d.closed.Load() {
+		return ErrClosed
+	}
+	if off < 0 || n <= 0 || off+int64(n) > d.size {
+		return fmt.Errorf("blockdev: splice into %s at %d+%d: beyond its %d bytes", d.path, off, n, d.size)
+	}
+	fd := int(d.f.Fd())
+	pos, left := off, n
+	for left > 0 {
+		m, err := unix.Splice(pipe, nil, fd, &pos, left, unix.SPLICE_F_NONBLOCK)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN || err == nil && m == 0:
+			return fmt.Errorf("blockdev: splice into %s at %d: the pipe holds %d bytes too few", d.path, pos, left)
+		case err != nil:
+			return fmt.Errorf("blockdev: splice into %s at %d+%d: %w", d.path, pos, left, err)
+		}
+		left -= int(m)
+	}
+	return nil
+}

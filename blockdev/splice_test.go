@@ -146,3 +146,56 @@ func TestSpliceFailures(t *testing.T) {
 		t.Fatalf("splice past a truncation: %v, want ErrShrunk", err)
 	}
 }
+
+// SpliceFrom writes exactly the pipe's bytes at the offset, unaligned, and
+// leaves the rest of the file alone; a pipe holding fewer bytes than asked
+// is an error, not a wait; a read-only or closed file takes nothing.
+func TestSpliceFromWritesThePipesBytes(t *testing.T) {
+	data := make([]byte, 1<<20)
+	rand.Read(data)
+	path := tempFile(t, data)
+	d, err := OpenFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	r, w := testPipe(t, 1<<20)
+	payload := make([]byte, 300<<10)
+	rand.Read(payload)
+	if _, err := unix.Write(w, payload); err != nil {
+		t.Fatal(err)
+	}
+	off := int64(4096 + 100)
+	if err := d.SpliceFrom(r, off, len(payload)); err != nil {
+		t.Fatal(err)
+	}
+	copy(data[off:], payload)
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("the file is not its old bytes with the pipe's written at the offset")
+	}
+	if _, err := unix.Write(w, payload[:1000]); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SpliceFrom(r, 0, 2000); err == nil {
+		t.Fatal("SpliceFrom of 2000 bytes from a pipe holding 1000: no error")
+	}
+	if err := d.SpliceFrom(r, int64(len(data))-10, 20); err == nil {
+		t.Fatal("SpliceFrom beyond the end: no error")
+	}
+	ro, err := OpenFileReadOnly(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if err := ro.SpliceFrom(r, 0, 10); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("SpliceFrom into a read-only file: %v, want ErrReadOnly", err)
+	}
+	d.Close()
+	if err := d.SpliceFrom(r, 0, 10); !errors.Is(err, ErrClosed) {
+		t.Fatalf("SpliceFrom after Close: %v, want ErrClosed", err)
+	}
+}

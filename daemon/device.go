@@ -337,6 +337,30 @@ func (d *device) SpliceTo(ctx context.Context, pieces []nbdserver.SplicePiece, d
 	})
 }
 
+// SpliceFrom is WriteAt from pipes (nbdserver.SpliceWriter), through the
+// same gate and family checks: every piece to one target, or, if the
+// target will not take them all, none (nbdserver.ErrNoSplice, the pipes
+// untouched). fua goes with the last piece: its flush covers them all.
+func (d *device) SpliceFrom(ctx context.Context, pieces []nbdserver.SplicePiece, fua bool) error {
+	return d.doWrite(ctx, func(t target.Target) error {
+		s, ok := t.(target.SpliceWriter)
+		if !ok {
+			return nbdserver.ErrNoSplice
+		}
+		for _, p := range pieces {
+			if !s.SplicesWrite(p.Off, int64(p.N)) {
+				return nbdserver.ErrNoSplice
+			}
+		}
+		for i, p := range pieces {
+			if err := s.SpliceFrom(ctx, p.Pipe, p.Off, p.N, fua && i == len(pieces)-1); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 func (d *device) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
 	return d.doWrite(ctx, func(t target.Target) error { return t.WriteAt(ctx, p, off, fua) })
 }

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"sync/atomic"
 	"time"
 
@@ -57,8 +58,10 @@ type ioStats struct {
 	ops      [numOps]opStats
 	inFlight atomic.Int64
 	// spliced counts read bytes that went from a file to the socket
-	// without a copy (they count in ops[opRead] too).
-	spliced atomic.Uint64
+	// without a copy (they count in ops[opRead] too), splicedWrites write
+	// bytes that went from the socket to a file without one (in
+	// ops[opWrite] too).
+	spliced, splicedWrites atomic.Uint64
 }
 
 func newIOStats() *ioStats {
@@ -91,9 +94,10 @@ func (s *ioStats) done(op ioOp, n int64, start time.Time, err error) {
 type meteredExport struct{ *device }
 
 var (
-	_ nbdserver.Export   = meteredExport{}
-	_ nbdserver.Extenter = meteredExport{}
-	_ nbdserver.Splicer  = meteredExport{}
+	_ nbdserver.Export       = meteredExport{}
+	_ nbdserver.Extenter     = meteredExport{}
+	_ nbdserver.Splicer      = meteredExport{}
+	_ nbdserver.SpliceWriter = meteredExport{}
 )
 
 func (d *device) metered() nbdserver.Export { return meteredExport{d} }
@@ -121,6 +125,27 @@ func (m meteredExport) SpliceTo(ctx context.Context, pieces []nbdserver.SplicePi
 	m.io.spliced.Add(uint64(n))
 	m.io.done(opRead, int64(n), t, nil)
 	return nil
+}
+
+// SpliceFrom counts a spliced WRITE, whatever its pieces, as one write.
+// One the device would not take (ErrNoSplice) is not counted: the server
+// writes it with WriteAt, which counts it.
+func (m meteredExport) SpliceFrom(ctx context.Context, pieces []nbdserver.SplicePiece, fua bool) error {
+	t := m.io.start()
+	err := m.device.SpliceFrom(ctx, pieces, fua)
+	if errors.Is(err, nbdserver.ErrNoSplice) {
+		m.io.inFlight.Add(-1)
+		return err
+	}
+	var n int
+	for _, p := range pieces {
+		n += p.N
+	}
+	if err == nil {
+		m.io.splicedWrites.Add(uint64(n))
+	}
+	m.io.done(opWrite, int64(n), t, err)
+	return err
 }
 
 func (m meteredExport) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {

@@ -275,6 +275,15 @@ func metricFamilies() []metric {
 			},
 		},
 		{
+			desc: prometheus.NewDesc("nbdclone_io_write_spliced_bytes_total",
+				"Bytes of NBD writes moved from the socket to a file without a copy through the daemon (splice), also counted in nbdclone_io_bytes_total.",
+				[]string{"device"}, nil),
+			kind: prometheus.CounterValue,
+			collect: func(s deviceSample, emit func(float64, ...string)) {
+				emit(float64(s.io.splicedWrites.Load()))
+			},
+		},
+		{
 			desc: prometheus.NewDesc("nbdclone_io_in_flight", "NBD requests being served now.",
 				[]string{"device"}, nil),
 			kind: prometheus.GaugeValue,

@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"runtime"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -259,12 +260,28 @@ type testServer struct {
 // opened.
 func startServer(t testing.TB, exports *memExports, opts Options) *testServer {
 	t.Helper()
-	before := runtime.NumGoroutine()
 	sock := testutil.Sock(t, "nbd.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startServerOn(t, exports, opts, l, sock)
+}
+
+// startServerTCP is startServer on 127.0.0.1; dialRaw and connect take
+// the address it returns in sock.
+func startServerTCP(t testing.TB, exports *memExports, opts Options) *testServer {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startServerOn(t, exports, opts, l, l.Addr().String())
+}
+
+func startServerOn(t testing.TB, exports *memExports, opts Options, l net.Listener, sock string) *testServer {
+	t.Helper()
+	before := runtime.NumGoroutine()
 	srv, err := NewServer(exports, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -348,7 +365,11 @@ type rawClient struct {
 
 func dialRaw(t testing.TB, sock string) *rawClient {
 	t.Helper()
-	nc, err := net.Dial("unix", sock)
+	network := "unix"
+	if strings.HasPrefix(sock, "127.0.0.1:") {
+		network = "tcp" // from startServerTCP
+	}
+	nc, err := net.Dial(network, sock)
 	if err != nil {
 		t.Fatal(err)
 	}

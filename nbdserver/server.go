@@ -190,7 +190,7 @@ func NewServer(exports Exports, opts Options) (*Server, error) {
 		exports:   exports,
 		opts:      opts,
 		log:       opts.Logger,
-		pipes:     pipePool{log: opts.Logger},
+		pipes:     pipePool{log: opts.Logger, size: pipeSize},
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
 	}, nil
@@ -473,11 +473,14 @@ type conn struct {
 	// metaContexts are the contexts selected for exp; context ID i+1 is
 	// metaContexts[i]. Non-empty only if exp is an Extenter.
 	metaContexts []string
-	// sock is the plain socket READ replies are spliced into, and splicer
-	// the export that splices them; either nil: no splicing (TLS, or an
-	// export without files behind it).
-	sock    syscall.RawConn
-	splicer Splicer
+	// sock is the plain socket READ replies are spliced into and WRITE
+	// payloads spliced from; splicer and spliceWriter are the export, if
+	// it splices them. sock nil: no splicing (TLS); an interface nil: the
+	// export has no files behind it.
+	sock         syscall.RawConn
+	splicer      Splicer
+	spliceWriter SpliceWriter
+	writeMisses  int // payloads that did not fit their pipes (the reader's)
 
 	adm     admission
 	workers sync.WaitGroup // request workers; waited for before release
@@ -525,6 +528,7 @@ type workItem struct {
 	req     nbdwire.Request
 	rej     rejection
 	payload *[]byte
+	pipes   *pipe // a WRITE's payload, when it went into pipes instead
 	held    int64
 }
 

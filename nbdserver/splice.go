@@ -69,6 +69,7 @@ type pipe struct {
 // pipePool keeps empty pipes of pipeSize for spliced replies.
 type pipePool struct {
 	log    *slog.Logger
+	size   int // of each pipe: pipeSize (tests make it smaller)
 	warned sync.Once
 
 	mu sync.Mutex
@@ -95,7 +96,7 @@ func (p *pipePool) get() *pipe {
 	}
 	p.open++
 	p.mu.Unlock()
-	pp, err := newPipe()
+	pp, err := newPipe(p.size)
 	if err != nil {
 		p.mu.Lock()
 		p.open--
@@ -173,15 +174,15 @@ func (p *pipePool) close() {
 	}
 }
 
-func newPipe() (*pipe, error) {
+func newPipe(size int) (*pipe, error) {
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		return nil, os.NewSyscallError("pipe2", err)
 	}
 	pp := &pipe{r: fds[0], w: fds[1]}
-	if _, err := unix.FcntlInt(uintptr(pp.w), unix.F_SETPIPE_SZ, pipeSize); err != nil {
+	if _, err := unix.FcntlInt(uintptr(pp.w), unix.F_SETPIPE_SZ, size); err != nil {
 		pp.close()
-		return nil, fmt.Errorf("fcntl(F_SETPIPE_SZ, %d): %w", pipeSize, err)
+		return nil, fmt.Errorf("fcntl(F_SETPIPE_SZ, %d): %w", size, err)
 	}
 	return pp, nil
 }

@@ -7,9 +7,8 @@ import (
 	"fmt"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
@@ -24,6 +23,11 @@ type spliceExport struct {
 	spliced atomic.Int64 // pieces moved
 	calls   atomic.Int64 // successful SpliceTo calls
 	failIn  atomic.Int32 // k > 0: the k-th next piece moves half its bytes and fails
+
+	written       atomic.Int64 // pieces written by SpliceFrom
+	writeCalls    atomic.Int64 // successful SpliceFrom calls
+	refuseWrites  atomic.Bool  // SpliceFrom returns ErrNoSplice
+	writeFailures atomic.Bool  // SpliceFrom takes the first piece's bytes and fails with EIO
 }
 
 var errHole = errors.New("spliceExport: a hole in a dataOnly range")
@@ -71,15 +75,40 @@ func (s *spliceExport) splicePiece(ctx context.Context, p SplicePiece, dataOnly 
 	return nil
 }
 
-func writeAll(fd int, b []byte) error {
-	for len(b) > 0 {
-		k, err := unix.Write(fd, b)
-		if err != nil {
-			return fmt.Errorf("write to pipe: %w", err) // EAGAIN: the pipe is full
-		}
-		b = b[k:]
+// SpliceFrom reads each piece's bytes out of its pipe (a copy, which the
+// server cannot tell from a splice into a file) and writes them.
+func (s *spliceExport) SpliceFrom(ctx context.Context, pieces []SplicePiece, fua bool) error {
+	if s.refuseWrites.Load() {
+		return fmt.Errorf("spliceExport: %w", ErrNoSplice)
 	}
+	for i, p := range pieces {
+		if i > 0 && p.Off != pieces[i-1].Off+int64(pieces[i-1].N) {
+			return fmt.Errorf("spliceExport: piece %d at %d does not follow the last", i, p.Off)
+		}
+		b := make([]byte, p.N)
+		pp := &pipe{r: p.Pipe, n: p.N}
+		if _, err := readPipes(pp, b); err != nil {
+			return err
+		}
+		if s.writeFailures.Load() {
+			return fmt.Errorf("spliceExport: %w", syscall.EIO)
+		}
+		if err := s.WriteAt(ctx, b, p.Off, fua); err != nil {
+			return err
+		}
+		s.written.Add(1)
+	}
+	s.writeCalls.Add(1)
 	return nil
+}
+
+// writeAll writes all of b into a pipe with room for it.
+func writeAll(fd int, b []byte) error {
+	k, err := writeSome(fd, b)
+	if err == nil && k < len(b) {
+		err = fmt.Errorf("pipe full after %d of %d bytes", k, len(b))
+	}
+	return err
 }
 
 // spliceExports registers a spliceExport "disk" of size random bytes

@@ -32,9 +32,17 @@ const (
 // returns the connection is closed and no worker is running.
 func (c *conn) transmit() {
 	c.work = make(chan workItem)
-	if sp, ok := c.exp.(Splicer); ok {
-		c.splicer = sp
-		c.sock = spliceSocket(c.nc, c.tlsWriter != nil)
+	if sock := spliceSocket(c.nc, c.tlsWriter != nil); sock != nil {
+		c.splicer, _ = c.exp.(Splicer)
+		// WRITE payloads only from TCP: a Unix stream socket keeps most of
+		// a large send in its buffers' linear part, which splice copies
+		// into fresh pages, so splicing there costs what it saves.
+		if _, tcp := c.nc.(*net.TCPConn); tcp {
+			c.spliceWriter, _ = c.exp.(SpliceWriter)
+		}
+		if c.splicer != nil || c.spliceWriter != nil {
+			c.sock = sock
+		}
 	}
 	end := c.readLoop()
 	close(c.work) // idle workers exit; busy ones after their request
@@ -79,23 +87,25 @@ func (c *conn) readLoop() endReason {
 			return endStopped
 		}
 		var payload *[]byte
+		var pipes *pipe
 		if req.Type == nbdwire.CmdWrite && req.Length > 0 {
 			var err error
-			if reject.errno == 0 {
-				payload = c.s.buffers.get(int(req.Length))
-				_, err = io.ReadFull(c.r, *payload)
-			} else {
+			switch {
+			case reject.errno != 0:
 				// A rejected WRITE's payload is still on the wire: consume
 				// it (without buffering it) to find the next request.
 				_, err = io.CopyN(io.Discard, c.r, int64(req.Length))
+			case c.spliceableWrite(req):
+				pipes, payload, err = c.readPayloadPiped(int(req.Length))
+			default:
+				payload, err = c.readPayload(int(req.Length))
 			}
 			if err != nil {
-				c.s.buffers.put(payload)
 				c.adm.release(held)
 				return c.readFailed("write payload", err)
 			}
 		}
-		c.dispatch(workItem{req: req, rej: reject, payload: payload, held: held})
+		c.dispatch(workItem{req: req, rej: reject, payload: payload, pipes: pipes, held: held})
 	}
 }
 
@@ -113,9 +123,9 @@ func (c *conn) dispatch(item workItem) {
 	}
 	c.nworkers++
 	c.workers.Go(func() {
-		c.serve(item.req, item.rej, item.payload, item.held)
+		c.serve(item)
 		for it := range c.work {
-			c.serve(it.req, it.rej, it.payload, it.held)
+			c.serve(it)
 		}
 	})
 }
@@ -273,7 +283,8 @@ func cmdName(typ uint16) string {
 // serve runs one request in its worker and queues its reply. The reply
 // takes over the request's admission (held bytes): it is released once the
 // reply is written, so a request is in flight until its reply is out.
-func (c *conn) serve(req nbdwire.Request, rej rejection, payload *[]byte, held int64) {
+func (c *conn) serve(item workItem) {
+	req, rej, held := item.req, item.rej, item.held
 	if rej.errno != 0 {
 		c.log.Debug("nbdserver: request rejected", "cmd", cmdName(req.Type), "offset", req.Offset, "length", req.Length, "errno", rej.errno, "why", rej.msg)
 		c.replyError(req, held, rej.errno, rej.msg, -1)
@@ -292,9 +303,12 @@ func (c *conn) serve(req nbdwire.Request, rej rejection, payload *[]byte, held i
 		c.serveBlockStatus(req, held)
 		return
 	case nbdwire.CmdWrite:
-		if n > 0 {
-			err = c.exp.WriteAt(c.ctx, *payload, off, fua)
-			c.s.buffers.put(payload)
+		switch {
+		case item.pipes != nil:
+			err = c.serveSplicedWrite(req, item.pipes)
+		case n > 0:
+			err = c.exp.WriteAt(c.ctx, *item.payload, off, fua)
+			c.s.buffers.put(item.payload)
 		}
 	case nbdwire.CmdFlush:
 		err = c.exp.Flush(c.ctx)

@@ -76,3 +76,74 @@ func spliceFrom(ctx context.Context, dev any, pipe int, off int64, n int, dataOn
 	}
 	return nil
 }
+
+// SpliceWriter is implemented by targets that can write a range from a
+// pipe without copying it (blockdev.SpliceWriter), for a server that moved
+// a request's payload from its socket into the pipe.
+type SpliceWriter interface {
+	// SplicesWrite reports whether SpliceFrom would take a write of n bytes
+	// at off: a target answers false rather than take part of one. A true
+	// answer stays true (regions only ever become hydrated).
+	SplicesWrite(off, n int64) bool
+	// SpliceFrom writes the n bytes waiting in the pipe whose read end is
+	// pipe at off, exactly as WriteAt would write them (fua too), or fails
+	// as WriteAt fails; a range SplicesWrite refuses is ErrNoSplice with
+	// nothing taken from the pipe.
+	SpliceFrom(ctx context.Context, pipe int, off int64, n int, fua bool) error
+}
+
+var (
+	_ SpliceWriter = (*clone)(nil)
+	_ SpliceWriter = (*linear)(nil)
+)
+
+// SplicesWrite: a write all of whose regions are hydrated, which WriteAt
+// sends to the destination in one write, can come from a pipe; one with an
+// unhydrated region needs the region copied and merged first.
+func (c *clone) SplicesWrite(off, n int64) bool {
+	if _, ok := c.dst.(blockdev.SpliceWriter); !ok || c.check(off, n) != nil {
+		return false
+	}
+	first, last := c.geom.Region(off), c.geom.Region(off+n-1)
+	return c.md.RangeHydrated(first, last-first+1)
+}
+
+func (c *clone) SpliceFrom(ctx context.Context, pipe int, off int64, n int, fua bool) error {
+	if err := c.check(off, int64(n)); err != nil {
+		return err
+	}
+	c.enter()
+	defer c.exit()
+	if !c.SplicesWrite(off, int64(n)) {
+		return blockdev.ErrNoSplice
+	}
+	if err := c.dst.(blockdev.SpliceWriter).SpliceFrom(pipe, off, n); err != nil {
+		return fmt.Errorf("target: write destination at %d+%d: %w", off, n, err)
+	}
+	if fua {
+		return c.flush(triggerFUA)
+	}
+	return nil
+}
+
+func (l *linear) SplicesWrite(off, n int64) bool {
+	_, ok := l.dev.(blockdev.SpliceWriter)
+	return ok && l.check(off, n) == nil
+}
+
+func (l *linear) SpliceFrom(_ context.Context, pipe int, off int64, n int, fua bool) error {
+	if err := l.check(off, int64(n)); err != nil {
+		return err
+	}
+	s, ok := l.dev.(blockdev.SpliceWriter)
+	if !ok {
+		return blockdev.ErrNoSplice
+	}
+	if err := s.SpliceFrom(pipe, l.offset+off, n); err != nil {
+		return err
+	}
+	if fua {
+		return l.dev.Sync()
+	}
+	return nil
+}

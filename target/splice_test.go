@@ -90,3 +90,60 @@ func TestCloneSplice(t *testing.T) {
 		}
 	}
 }
+
+// TestCloneSpliceFrom: a write all of whose regions are hydrated is taken
+// from the pipe and lands on the destination as WriteAt would put it; one
+// with an unhydrated region is refused before anything leaves the pipe
+// (it needs the region copied first). A linear target takes any write.
+func TestCloneSpliceFrom(t *testing.T) {
+	const M = 1 << 20
+	f := newFixture(t, 4*M, 33)
+	ctx := context.Background()
+	c := startClone(t, f.line(8, "1 no_hydration"), Env{})
+	if err := c.WriteAt(ctx, bytes.Repeat([]byte{1}, M), M, false); err != nil {
+		t.Fatal(err)
+	}
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	defer unix.Close(fds[1])
+	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, M); err != nil {
+		t.Fatal(err)
+	}
+	payload := bytes.Repeat([]byte{0xa5}, 200<<10)
+	for _, tc := range []struct {
+		name  string
+		off   int64
+		takes bool
+	}{
+		{"hydrated", M + 4096 + 7, true},
+		{"across both", 2*M - 100<<10, false},
+		{"unhydrated", 3 * M, false},
+	} {
+		if got := c.SplicesWrite(tc.off, int64(len(payload))); got != tc.takes {
+			t.Fatalf("%s: SplicesWrite %v, want %v", tc.name, got, tc.takes)
+		}
+		if _, err := unix.Write(fds[1], payload); err != nil {
+			t.Fatal(err)
+		}
+		err := c.SpliceFrom(ctx, fds[0], tc.off, len(payload), true)
+		left, _ := unix.IoctlGetInt(fds[0], unix.TIOCINQ)
+		if !tc.takes {
+			if !errors.Is(err, blockdev.ErrNoSplice) || left != len(payload) {
+				t.Fatalf("%s: %v with %d of %d bytes left in the pipe, want ErrNoSplice and all", tc.name, err, left, len(payload))
+			}
+			buf := make([]byte, len(payload))
+			unix.Read(fds[0], buf)
+			continue
+		}
+		if err != nil || left != 0 {
+			t.Fatalf("%s: %v with %d bytes left in the pipe", tc.name, err, left)
+		}
+		got := make([]byte, len(payload))
+		if err := c.ReadAt(ctx, got, tc.off); err != nil || !bytes.Equal(got, payload) {
+			t.Fatalf("%s: reading the write back: %v, right bytes %v", tc.name, err, bytes.Equal(got, payload))
+		}
+	}
+}
