@@ -23,6 +23,8 @@
 //   - SpliceTo (a File, a local source's handle) moves a range into a pipe
 //     whole or fails; with dataOnly a range with a hole is ErrNoSplice
 //     before anything is moved. A full pipe is ErrNoSplice, never a wait.
+//     SpliceFrom (a File) writes what a pipe holds at an offset, all of it
+//     or an error; a pipe holding too few bytes is an error, never a wait.
 //   - Close is idempotent; calls after Close return ErrClosed.
 //   - Remote sources (NBD, http) never write and only read: NBD is used
 //     read-only (no write command is ever sent), http only with HEAD and

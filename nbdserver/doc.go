@@ -21,6 +21,16 @@
 // holes could be described, bytes not in a file, no pipe to be had)
 // is read into a buffer as any other.
 //
+// WRITE payloads of 128 KiB to 8 MiB on a TCP connection (not TLS), to an
+// Export that is also a SpliceWriter, are spliced the other way: the
+// reader moves the payload from the socket into pipes (512 KiB each: a
+// socket's buffers take a pipe slot per page or segment), the worker has
+// the export move it into its file. An export that will not take it
+// (ErrNoSplice) gets it with WriteAt from the pipes' bytes; a payload that
+// does not fit its pipes is read into a buffer, and after four such a
+// connection stops splicing writes. Unix sockets are not spliced: their
+// buffers' linear part would be copied into the pipe anyway.
+//
 // Metadata contexts come from an Export that is also an Extenter: the
 // server offers exactly the contexts it names. LIST_META_CONTEXT with no
 // query lists them all and "namespace:" lists a namespace; SET selects

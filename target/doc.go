@@ -34,6 +34,9 @@
 //     (counted and hinted as ReadAt does). A source that cannot splice (a
 //     remote one) makes any read with an unhydrated region ErrNoSplice
 //     before anything moves, and the caller uses ReadAt.
+//   - A write is taken from a pipe (SpliceWriter) only when WriteAt would
+//     send all of it to the destination in one write: every region
+//     hydrated. Otherwise ErrNoSplice before anything leaves the pipe.
 //   - A remote source (blockdev.Remote) gets its window in flight: the
 //     sweep's threshold and batch are raised to it, never from a threshold
 //     of 0; hydration_rate throttles background and hinted copies. The
