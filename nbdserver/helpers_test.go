@@ -319,6 +319,14 @@ func startServerOn(t testing.TB, exports *memExports, opts Options, l net.Listen
 	return &testServer{Server: srv, sock: sock}
 }
 
+// pipeCounts are the server's pipes made and not closed, and those of
+// them idle in the pool.
+func pipeCounts(srv *testServer) (open, free int) {
+	srv.pipes.mu.Lock()
+	defer srv.pipes.mu.Unlock()
+	return srv.pipes.open, len(srv.pipes.free)
+}
+
 // serverFrame matches the goroutines the server starts: connections, their
 // workers, and Serve's listener watcher (a closure). A caller's own
 // goroutine in Serve or Close does not count.

@@ -312,9 +312,7 @@ func TestSpliceFailureFallsBack(t *testing.T) {
 	// which may be after the client has it.
 	var open, free int
 	waitFor(t, "the last pipe back in the pool", func() bool {
-		srv.pipes.mu.Lock()
-		defer srv.pipes.mu.Unlock()
-		open, free = srv.pipes.open, len(srv.pipes.free)
+		open, free = pipeCounts(srv)
 		return free > 0 || open > 1
 	})
 	if open != 1 || free != 1 {
@@ -347,18 +345,15 @@ func TestSplicePieceFailureFallsBack(t *testing.T) {
 			t.Fatalf("read %d: %d pieces spliced, want %d", i, n, want)
 		}
 		if i == 0 {
-			srv.pipes.mu.Lock()
-			open, free := srv.pipes.open, len(srv.pipes.free)
-			srv.pipes.mu.Unlock()
+			open, free := pipeCounts(srv)
 			if open != 1 || free != 1 {
 				t.Fatalf("after the failed piece: %d pipes open, %d of them free; want the unused one", open, free)
 			}
 		}
 	}
 	waitFor(t, "the pipes back in the pool", func() bool {
-		srv.pipes.mu.Lock()
-		defer srv.pipes.mu.Unlock()
-		return srv.pipes.open == 3 && len(srv.pipes.free) == 3
+		open, free := pipeCounts(srv)
+		return open == 3 && free == 3
 	})
 }
 

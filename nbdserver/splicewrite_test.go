@@ -154,9 +154,7 @@ func TestSplicedWriteRefused(t *testing.T) {
 	if n := s.written.Load(); n != 0 {
 		t.Fatalf("%d pieces written by SpliceFrom while it refused", n)
 	}
-	srv.pipes.mu.Lock()
-	open, free := srv.pipes.open, len(srv.pipes.free)
-	srv.pipes.mu.Unlock()
+	open, free := pipeCounts(srv)
 	if open != 4 || free != 4 {
 		t.Fatalf("%d pipes open, %d free; want the write's 4 back in the pool", open, free)
 	}
@@ -176,9 +174,7 @@ func TestSplicedWriteFails(t *testing.T) {
 	s.writeFailures.Store(false)
 	// The first piece was read out of its pipe, the other three still
 	// hold their bytes: the one is kept, the others closed.
-	srv.pipes.mu.Lock()
-	open, free := srv.pipes.open, len(srv.pipes.free)
-	srv.pipes.mu.Unlock()
+	open, free := pipeCounts(srv)
 	if open != 1 || free != 1 {
 		t.Fatalf("after the failure: %d pipes open, %d free; want the emptied one", open, free)
 	}
@@ -217,9 +213,7 @@ func TestSplicedWriteNotFitting(t *testing.T) {
 	if n := s.written.Load(); n != 0 {
 		t.Fatalf("%d pieces spliced into pipes of one slot", n)
 	}
-	srv.pipes.mu.Lock()
-	open, free := srv.pipes.open, len(srv.pipes.free)
-	srv.pipes.mu.Unlock()
+	open, free := pipeCounts(srv)
 	if open != 2 || free != 2 {
 		t.Fatalf("%d pipes made, %d free; want the 2 the first write took, reused by the next %d and given back", open, free, maxWriteMisses-1)
 	}

@@ -11,6 +11,21 @@ import (
 	"github.com/nbdclone/nbdclone/blockdev"
 )
 
+// testPipe is a non-blocking pipe of size bytes, closed at cleanup:
+// [0] its read end, [1] its write end.
+func testPipe(t *testing.T, size int) [2]int {
+	t.Helper()
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fds[0]); unix.Close(fds[1]) })
+	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, size); err != nil {
+		t.Fatal(err)
+	}
+	return fds
+}
+
 // TestCloneSplice: a read all hydrated is spliced from the destination,
 // one all unhydrated from the source (counted as a source read, as ReadAt
 // counts it), one across both from each in turn. Over a source that
@@ -33,15 +48,7 @@ func TestCloneSplice(t *testing.T) {
 	if err := remote.WriteAt(ctx, written, M, false); err != nil {
 		t.Fatal(err)
 	}
-	var fds [2]int
-	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fds[0])
-	defer unix.Close(fds[1])
-	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, M); err != nil {
-		t.Fatal(err)
-	}
+	fds := testPipe(t, M)
 	pipeBytes := func() []byte {
 		var out []byte
 		buf := make([]byte, M)
@@ -103,15 +110,7 @@ func TestCloneSpliceFrom(t *testing.T) {
 	if err := c.WriteAt(ctx, bytes.Repeat([]byte{1}, M), M, false); err != nil {
 		t.Fatal(err)
 	}
-	var fds [2]int
-	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fds[0])
-	defer unix.Close(fds[1])
-	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, M); err != nil {
-		t.Fatal(err)
-	}
+	fds := testPipe(t, M)
 	payload := bytes.Repeat([]byte{0xa5}, 200<<10)
 	for _, tc := range []struct {
 		name  string
