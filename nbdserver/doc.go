@@ -27,8 +27,8 @@
 // socket's buffers take a pipe slot per page or segment), the worker has
 // the export move it into its file. An export that will not take it
 // (ErrNoSplice) gets it with WriteAt from the pipes' bytes; a payload that
-// does not fit its pipes is read into a buffer, and after four such a
-// connection stops splicing writes. Unix sockets are not spliced: their
+// does not fit its pipes is read into a buffer, and after four such in a
+// row a connection stops splicing writes. Unix sockets are not spliced: their
 // buffers' linear part would be copied into the pipe anyway.
 //
 // Metadata contexts come from an Export that is also an Extenter: the

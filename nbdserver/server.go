@@ -480,7 +480,7 @@ type conn struct {
 	sock         syscall.RawConn
 	splicer      Splicer
 	spliceWriter SpliceWriter
-	writeMisses  int // payloads that did not fit their pipes (the reader's)
+	writeMisses  int // payloads in a row that did not fit their pipes (the reader's)
 
 	adm     admission
 	workers sync.WaitGroup // request workers; waited for before release

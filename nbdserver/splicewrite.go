@@ -44,10 +44,11 @@ const (
 )
 
 // maxStuckSplices bounds the retries of a splice from a socket that has
-// bytes queued but gives none. maxWriteMisses is how many payloads a
-// connection may fail to fit in their pipes before it stops splicing
-// them: over a network whose segments carry ~1.5 KiB each (a pipe slot
-// per segment) none fits, and each miss costs a splice and a copy back.
+// bytes queued but gives none. maxWriteMisses is how many payloads in a
+// row a connection may fail to fit in their pipes before it stops
+// splicing them: over a network whose segments carry ~1.5 KiB each (a
+// pipe slot per segment) none fits, and each miss costs a splice and a
+// copy back.
 const (
 	maxStuckSplices = 16
 	maxWriteMisses  = 4
@@ -106,6 +107,7 @@ func (c *conn) readPayloadPiped(n int) (*pipe, *[]byte, error) {
 		}
 		left -= m
 	}
+	c.writeMisses = 0
 	return head, nil, nil
 }
 

@@ -191,8 +191,8 @@ func TestSplicedWriteFails(t *testing.T) {
 // before it holds its piece (here pipes of one 4 KiB slot; on a network,
 // one ~1.5 KiB segment per slot) is read into a buffer instead: the pipe's
 // bytes back, the rest from the socket, and the export gets it whole with
-// WriteAt. After maxWriteMisses such payloads the connection stops
-// splicing writes and takes no more pipes for them.
+// WriteAt. After maxWriteMisses such payloads in a row the connection
+// stops splicing writes and takes no more pipes for them.
 func TestSplicedWriteNotFitting(t *testing.T) {
 	const M = 1 << 20
 	e, s, content := spliceExports(t, 2*M, 35)
