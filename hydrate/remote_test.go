@@ -60,8 +60,10 @@ func TestHintsNeedHydrationEnabled(t *testing.T) {
 		if f.count() != 0 || s.State().QueuedHints != 0 {
 			t.Fatalf("no_hydration: %d regions hydrated from hints", f.count())
 		}
-		s.SetEnabled(true)
+		// Threshold first: enabled at threshold 4 even for a moment, the
+		// sweep itself would copy regions.
 		s.SetThreshold(0)
+		s.SetEnabled(true)
 		s.Hint(10, 5)
 		time.Sleep(5 * time.Second)
 		if f.count() != 0 {

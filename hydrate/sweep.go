@@ -38,9 +38,13 @@ type Planner interface {
 	// lie past limit) that are neither, and returns them. count is 0 when
 	// there is none.
 	Claim(from, limit, max uint64) (start, count uint64)
-	// Hydrate copies the claimed regions, marks them hydrated if and only
-	// if the copy succeeded, and unlocks them in every case.
+	// Hydrate copies the claimed regions and marks them hydrated if and
+	// only if the copy succeeded. They stay locked until Release.
 	Hydrate(ctx context.Context, start, count uint64, cause Cause) error
+	// Release unlocks claimed regions once the sweeper has recorded what
+	// their copy did, so a failed region is not claimed again before its
+	// failure counts (and stops the sweep when it is one too many).
+	Release(start, count uint64)
 	// Busy reports whether user I/O is in flight (or, for a clone, was
 	// moments ago).
 	Busy() bool
@@ -367,7 +371,6 @@ func (s *Sweeper) copy(start, count uint64, cause Cause, gen uint64) {
 	err := s.p.Hydrate(s.ctx, start, count, cause)
 	var stopReason string
 	s.mu.Lock()
-	s.inFlight -= count
 	switch {
 	case err != nil && s.ctx.Err() == nil:
 		stopReason = s.failedLocked(start, count, gen, err)
@@ -381,6 +384,13 @@ func (s *Sweeper) copy(start, count uint64, cause Cause, gen uint64) {
 			}
 		}
 	}
+	s.mu.Unlock()
+	// The outcome is recorded: only now may the regions be claimed again.
+	// They count in flight until they are released, so whoever waits for
+	// the sweep to be idle finds them unlocked.
+	s.p.Release(start, count)
+	s.mu.Lock()
+	s.inFlight -= count
 	s.signalIdleLocked()
 	s.mu.Unlock()
 	if stopReason != "" {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"testing"
@@ -71,26 +72,32 @@ func (f *fakePlanner) Hydrate(ctx context.Context, start, count uint64, cause Ca
 		}
 	}
 	if f.failRegion != nil && f.failRegion(start, count) {
-		for r := start; r < start+count; r++ {
-			f.locked[r] = false
-		}
-		f.inFlight -= count
 		if f.failErr != nil {
 			return f.failErr
 		}
 		return errors.New("injected region failure")
 	}
 	for r := start; r < start+count; r++ {
-		f.locked[r] = false
 		if !f.fail {
 			f.hydrated[r] = true
 		}
 	}
-	f.inFlight -= count
 	if f.fail {
 		return errors.New("injected copy failure")
 	}
 	return nil
+}
+
+func (f *fakePlanner) Release(start, count uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for r := start; r < start+count; r++ {
+		if !f.locked[r] {
+			panic(fmt.Sprintf("fakePlanner: release of unclaimed region %d", r))
+		}
+		f.locked[r] = false
+	}
+	f.inFlight -= count
 }
 
 func (f *fakePlanner) Busy() bool { f.mu.Lock(); defer f.mu.Unlock(); return f.busy }

@@ -874,7 +874,6 @@ func (c *clone) lockUnhydratedRun(r, max uint64) uint64 {
 }
 
 func (c *clone) Hydrate(ctx context.Context, start, count uint64, cause hydrate.Cause) error {
-	defer c.locks.UnlockRun(start, count)
 	if err := c.copyRegions(ctx, start, count, false); err != nil {
 		return err
 	}
@@ -885,6 +884,10 @@ func (c *clone) Hydrate(ctx context.Context, start, count uint64, cause hydrate.
 	}
 	return nil
 }
+
+// Release unlocks regions Claim locked, after the sweeper recorded their
+// copy's outcome.
+func (c *clone) Release(start, count uint64) { c.locks.UnlockRun(start, count) }
 
 // busyHoldoff is how long after user I/O the device still counts as busy.
 // dm-clone's rule is "no user I/O in flight", which a client at queue
