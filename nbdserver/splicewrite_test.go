@@ -218,3 +218,48 @@ func TestSplicedWriteNotFitting(t *testing.T) {
 		t.Fatalf("%d pipes made, %d free; want the 2 the first write took, reused by the next %d and given back", open, free, maxWriteMisses-1)
 	}
 }
+
+// TestSplicedWriteMissesInARow: misses stop a connection's write splicing
+// only in a row; a payload that fits its pipes starts the count again.
+func TestSplicedWriteMissesInARow(t *testing.T) {
+	const M = 1 << 20
+	e, s, content := spliceExports(t, 2*M, 36)
+	srv := startServerTCP(t, e, Options{})
+	rc := connect(t, srv.sock, "disk", false)
+	// pipesOf empties the pool and makes the pipes made from now on size
+	// bytes: one slot (every payload misses) or pipeSize (none does).
+	pipesOf := func(size int) {
+		srv.pipes.mu.Lock()
+		defer srv.pipes.mu.Unlock()
+		for _, pp := range srv.pipes.free {
+			pp.close()
+			srv.pipes.open--
+		}
+		srv.pipes.free = nil
+		srv.pipes.size = size
+	}
+	write := func(i int) {
+		payload := randomBytes(uint64(40+i), M)
+		rc.request(nbdwire.CmdWrite, 0, uint64(i), 0, M, payload)
+		rc.expectSimple(uint64(i), 0)
+		copy(content, payload)
+		if got := s.snapshot(); !bytes.Equal(got, content) {
+			t.Fatalf("write %d: the export differs from byte %d", i, firstDiff(got, content))
+		}
+	}
+	i := 0
+	for range 2 {
+		pipesOf(pageSize)
+		for range maxWriteMisses - 1 {
+			write(i)
+			i++
+		}
+		pipesOf(pipeSize)
+		before := s.written.Load()
+		write(i)
+		i++
+		if n := s.written.Load() - before; n != 2 {
+			t.Fatalf("write %d, after %d misses in a row: %d pieces spliced, want 2", i-1, maxWriteMisses-1, n)
+		}
+	}
+}
