@@ -142,6 +142,21 @@ func (p *pipePool) drop(pp *pipe) {
 	pp.close()
 }
 
+// getChain returns k empty pipes chained through next, or nil, having
+// taken none, when the pool cannot give k.
+func (p *pipePool) getChain(k int) *pipe {
+	var head *pipe
+	for range k {
+		pp := p.get()
+		if pp == nil {
+			p.putOrDropChain(head) // all empty: kept
+			return nil
+		}
+		pp.next, head = head, pp
+	}
+	return head
+}
+
 // dropChain drops a reply's chained pipes, whatever they hold.
 func (p *pipePool) dropChain(pp *pipe) {
 	for pp != nil {
@@ -212,15 +227,9 @@ func pieces(off uint64, n uint32) int {
 // buffer instead. Every pipe is had before any byte moves, so a pool that
 // runs dry costs no splice; a piece that fails fails the whole read.
 func (c *conn) serveSpliced(req nbdwire.Request, held int64) bool {
-	k := pieces(req.Offset, req.Length)
-	var head *pipe
-	for range k {
-		pp := c.s.pipes.get()
-		if pp == nil {
-			c.s.pipes.putOrDropChain(head) // all empty: kept
-			return false
-		}
-		pp.next, head = head, pp
+	head := c.s.pipes.getChain(pieces(req.Offset, req.Length))
+	if head == nil {
+		return false
 	}
 	var cut [maxPiecePipes]SplicePiece
 	ps := cut[:0]

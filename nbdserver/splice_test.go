@@ -123,6 +123,20 @@ func spliceExports(t *testing.T, size int, seed uint64) (*memExports, *spliceExp
 	return e, s, content
 }
 
+// expectRead reads n bytes at off with a simple reply and fails the test
+// unless they are content's.
+func expectRead(t *testing.T, rc *rawClient, h uint64, off, n int, content []byte) {
+	t.Helper()
+	rc.request(nbdwire.CmdRead, 0, h, uint64(off), uint32(n), nil)
+	errno, handle, got := rc.readSimple(n)
+	if errno != 0 || handle != h {
+		t.Fatalf("read %d: errno %d handle %d", h, errno, handle)
+	}
+	if !bytes.Equal(got, content[off:off+n]) {
+		t.Fatalf("read %d at %d: wrong bytes from %d", h, off, firstDiff(got, content[off:off+n]))
+	}
+}
+
 // TestSplicedReads: reads of at least spliceMin bytes that fit
 // maxPiecePipes pipes are spliced, a piece per pipe, with simple and
 // structured replies, and arrive whole and right; shorter and longer ones
@@ -296,14 +310,7 @@ func TestSpliceFailureFallsBack(t *testing.T) {
 			s.failIn.Store(1)
 		}
 		before := s.spliced.Load()
-		rc.request(nbdwire.CmdRead, 0, uint64(i), uint64(off), 512*K, nil)
-		errno, handle, got := rc.readSimple(512 * K)
-		if errno != 0 || handle != uint64(i) {
-			t.Fatalf("read %d: errno %d handle %d", i, errno, handle)
-		}
-		if !bytes.Equal(got, content[off:off+512*K]) {
-			t.Fatalf("read %d at %d: wrong bytes from %d", i, off, firstDiff(got, content[off:off+512*K]))
-		}
+		expectRead(t, rc, uint64(i), off, 512*K, content)
 		if spliced := s.spliced.Load() > before; spliced != (i != 1) {
 			t.Fatalf("read %d: spliced %v", i, spliced)
 		}
@@ -332,14 +339,7 @@ func TestSplicePieceFailureFallsBack(t *testing.T) {
 	s.failIn.Store(2)
 	for i, off := range []int{0, 4 * M} {
 		before := s.spliced.Load()
-		rc.request(nbdwire.CmdRead, 0, uint64(i), uint64(off), 3*M, nil)
-		errno, handle, got := rc.readSimple(3 * M)
-		if errno != 0 || handle != uint64(i) {
-			t.Fatalf("read %d: errno %d handle %d", i, errno, handle)
-		}
-		if !bytes.Equal(got, content[off:off+3*M]) {
-			t.Fatalf("read %d at %d: wrong bytes from %d", i, off, firstDiff(got, content[off:off+3*M]))
-		}
+		expectRead(t, rc, uint64(i), off, 3*M, content)
 		want := []int64{1, 3}[i] // the first piece's call succeeded
 		if n := s.spliced.Load() - before; n != want {
 			t.Fatalf("read %d: %d pieces spliced, want %d", i, n, want)

@@ -78,15 +78,10 @@ func (c *conn) readPayload(n int) (*[]byte, error) {
 // into a pooled buffer instead, the pipes' bytes first. An error is a
 // read error: the connection is done, and nothing is returned.
 func (c *conn) readPayloadPiped(n int) (*pipe, *[]byte, error) {
-	var head *pipe
-	for range (n + writePiece - 1) / writePiece {
-		pp := c.s.pipes.get()
-		if pp == nil {
-			c.s.pipes.putOrDropChain(head) // all empty: kept
-			bp, err := c.readPayload(n)
-			return nil, bp, err
-		}
-		pp.next, head = head, pp
+	head := c.s.pipes.getChain((n + writePiece - 1) / writePiece)
+	if head == nil {
+		bp, err := c.readPayload(n)
+		return nil, bp, err
 	}
 	left := n
 	for pp := head; pp != nil; pp = pp.next {

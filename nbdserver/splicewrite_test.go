@@ -2,15 +2,25 @@ package nbdserver
 
 import (
 	"bytes"
+	"fmt"
 	"syscall"
 	"testing"
 
 	"github.com/nbdclone/nbdclone/internal/nbdwire"
 )
 
+// wantExport fails the test unless the export holds content.
+func wantExport(t *testing.T, s *spliceExport, content []byte, what string) {
+	t.Helper()
+	if got := s.snapshot(); !bytes.Equal(got, content) {
+		t.Fatalf("%s: the export differs from byte %d", what, firstDiff(got, content))
+	}
+}
+
 // TestSplicedWrites: over TCP, WRITEs of spliceMin to 8 MiB have their
-// payload spliced into pipes, writePiece bytes each, and written through SpliceFrom in one call; shorter and longer
-// ones, and every WRITE over a Unix socket, go through a buffer. Either
+// payload spliced into pipes, writePiece bytes each, and written through
+// SpliceFrom in one call; shorter and longer ones, and every WRITE over a
+// Unix socket, go through a buffer. Either
 // way the export ends up with the payload, and the stream keeps its
 // framing.
 func TestSplicedWrites(t *testing.T) {
@@ -46,9 +56,7 @@ func TestSplicedWrites(t *testing.T) {
 				rc.request(nbdwire.CmdWrite, 0, h, uint64(tc.off), uint32(tc.n), payload)
 				rc.expectSimple(h, 0)
 				copy(content[tc.off:], payload)
-				if got := s.snapshot(); !bytes.Equal(got, content) {
-					t.Fatalf("write %d+%d: the export differs from byte %d", tc.off, tc.n, firstDiff(got, content))
-				}
+				wantExport(t, s, content, fmt.Sprintf("write %d+%d", tc.off, tc.n))
 				if pieces := s.written.Load() - before; pieces != tc.pieces {
 					t.Fatalf("write %d+%d: %d pieces spliced, want %d", tc.off, tc.n, pieces, tc.pieces)
 				}
@@ -127,9 +135,7 @@ func TestSplicedWritesInterleave(t *testing.T) {
 		}
 	}
 	<-done
-	if got := s.snapshot(); !bytes.Equal(got, content) {
-		t.Fatalf("the export differs from byte %d", firstDiff(got, content))
-	}
+	wantExport(t, s, content, "after the burst")
 	if n := s.written.Load(); n != pieces {
 		t.Fatalf("%d pieces spliced, want the %d of the 30 writes of 128 KiB or more", n, pieces)
 	}
@@ -148,9 +154,7 @@ func TestSplicedWriteRefused(t *testing.T) {
 	rc.request(nbdwire.CmdWrite, 0, 1, M+4096, 2*M, payload)
 	rc.expectSimple(1, 0)
 	copy(content[M+4096:], payload)
-	if got := s.snapshot(); !bytes.Equal(got, content) {
-		t.Fatalf("the export differs from byte %d", firstDiff(got, content))
-	}
+	wantExport(t, s, content, "the write")
 	if n := s.written.Load(); n != 0 {
 		t.Fatalf("%d pieces written by SpliceFrom while it refused", n)
 	}
@@ -206,9 +210,7 @@ func TestSplicedWriteNotFitting(t *testing.T) {
 		rc.request(nbdwire.CmdWrite, 0, 1, 0, M, payload)
 		rc.expectSimple(1, 0)
 		copy(content, payload)
-		if got := s.snapshot(); !bytes.Equal(got, content) {
-			t.Fatalf("write %d: the export differs from byte %d", i, firstDiff(got, content))
-		}
+		wantExport(t, s, content, fmt.Sprintf("write %d", i))
 	}
 	if n := s.written.Load(); n != 0 {
 		t.Fatalf("%d pieces spliced into pipes of one slot", n)
@@ -243,9 +245,7 @@ func TestSplicedWriteMissesInARow(t *testing.T) {
 		rc.request(nbdwire.CmdWrite, 0, uint64(i), 0, M, payload)
 		rc.expectSimple(uint64(i), 0)
 		copy(content, payload)
-		if got := s.snapshot(); !bytes.Equal(got, content) {
-			t.Fatalf("write %d: the export differs from byte %d", i, firstDiff(got, content))
-		}
+		wantExport(t, s, content, fmt.Sprintf("write %d", i))
 	}
 	i := 0
 	for range 2 {

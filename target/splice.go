@@ -101,7 +101,12 @@ var (
 // sends to the destination in one write, can come from a pipe; one with an
 // unhydrated region needs the region copied and merged first.
 func (c *clone) SplicesWrite(off, n int64) bool {
-	if _, ok := c.dst.(blockdev.SpliceWriter); !ok || c.check(off, n) != nil {
+	return c.check(off, n) == nil && c.splicesChecked(off, n)
+}
+
+// splicesChecked is SplicesWrite for a range check accepted.
+func (c *clone) splicesChecked(off, n int64) bool {
+	if _, ok := c.dst.(blockdev.SpliceWriter); !ok {
 		return false
 	}
 	first, last := c.geom.Region(off), c.geom.Region(off+n-1)
@@ -114,7 +119,7 @@ func (c *clone) SpliceFrom(ctx context.Context, pipe int, off int64, n int, fua 
 	}
 	c.enter()
 	defer c.exit()
-	if !c.SplicesWrite(off, int64(n)) {
+	if !c.splicesChecked(off, int64(n)) {
 		return blockdev.ErrNoSplice
 	}
 	if err := c.dst.(blockdev.SpliceWriter).SpliceFrom(pipe, off, n); err != nil {
